@@ -1,0 +1,28 @@
+"""mPLUG (Li et al., 2022) for Hugging Face transformers.
+
+Importing the package registers `"mplug"` with `AutoConfig`, `AutoModel`, `AutoImageProcessor` and `AutoProcessor`.
+"""
+
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoProcessor, AutoTokenizer, BertTokenizer
+
+from .configuration_mplug import MPLUGConfig
+from .image_processing_mplug import MPLUGImageProcessor
+from .modeling_mplug import MPLUGModel, MPLUGModelOutput, MPLUGPreTrainedModel
+from .processing_mplug import MPLUGProcessor
+
+__version__ = "0.1.0"
+
+AutoConfig.register("mplug", MPLUGConfig, exist_ok=True)
+AutoModel.register(MPLUGConfig, MPLUGModel, exist_ok=True)
+AutoImageProcessor.register(MPLUGConfig, slow_image_processor_class=MPLUGImageProcessor, exist_ok=True)
+AutoTokenizer.register(MPLUGConfig, fast_tokenizer_class=BertTokenizer, exist_ok=True)
+AutoProcessor.register(MPLUGConfig, MPLUGProcessor, exist_ok=True)
+
+__all__ = [
+    "MPLUGConfig",
+    "MPLUGImageProcessor",
+    "MPLUGModel",
+    "MPLUGModelOutput",
+    "MPLUGPreTrainedModel",
+    "MPLUGProcessor",
+]

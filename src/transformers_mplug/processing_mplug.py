@@ -1,0 +1,217 @@
+"""Processor of mPLUG: the image processor plus a BERT WordPiece tokenizer with mPLUG's token contract."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from transformers import BertTokenizer, BatchFeature, ProcessorMixin
+from transformers.utils import logging
+
+from .image_processing_mplug import MPLUGImageProcessor
+
+logger = logging.get_logger(__name__)
+
+_DECODE_STRIP = ("[SEP]", "[CLS]", "[PAD]")
+
+
+def load_vocab(vocab_file: str | os.PathLike) -> dict[str, int]:
+    """Read a WordPiece `vocab.txt` (one token per line, id = line number)."""
+    with open(vocab_file, encoding="utf-8") as handle:
+        vocab = {line.rstrip("\n"): index for index, line in enumerate(handle)}
+    if not vocab:
+        raise ValueError(f"`vocab_file` {vocab_file} is empty.")
+    return vocab
+
+
+class MPLUGProcessor(ProcessorMixin):
+    r"""
+    Wraps an [`MPLUGImageProcessor`] and a BERT tokenizer into one processor with the original mPLUG text contract:
+
+    - questions / captions / prompts encode as `[CLS] text` with **no** trailing `[SEP]`;
+    - targets (`text_target`: answers, captions to learn) encode as `[CLS] text [SEP]`;
+    - pairs (`text_pair`) encode as `[CLS] A [SEP] B [SEP]`;
+    - `truncation=True, max_length=m` keeps the first `m` ids; padding is on the right with `[PAD]` (0).
+
+    Example:
+        >>> from PIL import Image
+        >>> from transformers_mplug import MPLUGProcessor
+        >>> processor = MPLUGProcessor.from_vocab_file("../shared/reference/configs/vocab.txt", image_size=32)  # doctest: +SKIP
+        >>> batch = processor(images=Image.new("RGB", (64, 48)), text="what is the color of the cat")  # doctest: +SKIP
+        >>> batch["input_ids"][0, 0].item(), batch["pixel_values"].shape  # doctest: +SKIP
+        (101, torch.Size([1, 3, 32, 32]))
+    """
+
+    attributes = ["image_processor", "tokenizer"]
+
+    def __init__(self, image_processor: MPLUGImageProcessor, tokenizer: BertTokenizer, **kwargs: Any) -> None:
+        if not isinstance(image_processor, MPLUGImageProcessor):
+            raise TypeError(f"`image_processor` must be an MPLUGImageProcessor, got {type(image_processor).__name__}.")
+        if tokenizer is None or tokenizer.cls_token_id is None or tokenizer.sep_token_id is None:
+            raise TypeError("`tokenizer` must be a BERT WordPiece tokenizer with [CLS] and [SEP] tokens.")
+        super().__init__(image_processor, tokenizer, **kwargs)
+
+    @classmethod
+    def from_vocab_file(cls, vocab_file: str | os.PathLike, image_size: int = 384, **image_kwargs: Any) -> MPLUGProcessor:
+        """Build a processor from a WordPiece `vocab.txt` (lower-casing, as bert-base-uncased) and a resolution."""
+        tokenizer = BertTokenizer(vocab=load_vocab(vocab_file), do_lower_case=True, model_max_length=512)
+        image_processor = MPLUGImageProcessor(size={"height": image_size, "width": image_size}, **image_kwargs)
+        return cls(image_processor=image_processor, tokenizer=tokenizer)
+
+    # ----------------------------------------------------------------------------------------------- text
+    @staticmethod
+    def _as_text_list(text: Any, argument: str) -> list[str]:
+        texts = [text] if isinstance(text, str) else text
+        if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
+            raise TypeError(f"`{argument}` must be a string or a list of strings, got {type(text).__name__}.")
+        if not texts:
+            raise ValueError(f"`{argument}` is an empty list; pass at least one string.")
+        for index, item in enumerate(texts):
+            if not item.strip():
+                raise ValueError(f"`{argument}[{index}]` is an empty string; every text needs at least one word.")
+        return list(texts)
+
+    def encode_text(
+        self,
+        text: str | Sequence[str],
+        add_eos: bool = False,
+        padding: bool | str = "longest",
+        truncation: bool = False,
+        max_length: int | None = None,
+        return_tensors: str | None = "pt",
+        argument: str = "text",
+    ) -> BatchFeature:
+        """Encode texts as `[CLS] pieces` (`add_eos=False`: questions, captions as inputs) or `[CLS] pieces [SEP]`
+        (`add_eos=True`: answers, caption targets), padded on the right; returns `input_ids` and `attention_mask`."""
+        texts = self._as_text_list(text, argument)
+        if truncation and max_length is None:
+            raise ValueError("`truncation=True` needs `max_length`.")
+        if max_length is not None and max_length < 1:
+            raise ValueError(f"`max_length` must be >= 1, got {max_length}.")
+        pieces = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        cls_id, sep_id = self.tokenizer.cls_token_id, self.tokenizer.sep_token_id
+        ids = [[cls_id, *p, sep_id] if add_eos else [cls_id, *p] for p in pieces]
+        if truncation:
+            ids = [seq[:max_length] for seq in ids]
+        return self._pad(ids, padding, max_length, return_tensors)
+
+    def _pad(self, ids: list[list[int]], padding: bool | str, max_length: int | None, return_tensors: str | None) -> BatchFeature:
+        if padding is True:
+            padding = "longest"
+        if padding not in (False, "longest", "max_length", "do_not_pad"):
+            raise ValueError(f"`padding` must be True, False, 'longest' or 'max_length', got {padding!r}.")
+        if padding == "max_length" and max_length is None:
+            raise ValueError("`padding='max_length'` needs `max_length`.")
+        if padding in (False, "do_not_pad"):
+            if return_tensors is not None and len({len(seq) for seq in ids}) > 1:
+                raise ValueError("Texts of different lengths need `padding=True` to be returned as tensors.")
+            return BatchFeature({"input_ids": ids, "attention_mask": [[1] * len(seq) for seq in ids]}, tensor_type=return_tensors)
+        length = max(len(seq) for seq in ids) if padding == "longest" else max(max_length, max(len(seq) for seq in ids))
+        pad_id = self.tokenizer.pad_token_id
+        input_ids = [seq + [pad_id] * (length - len(seq)) for seq in ids]
+        attention_mask = [[1] * len(seq) + [0] * (length - len(seq)) for seq in ids]
+        return BatchFeature({"input_ids": input_ids, "attention_mask": attention_mask}, tensor_type=return_tensors)
+
+    def __call__(
+        self,
+        images: Any = None,
+        text: str | Sequence[str] | None = None,
+        videos: Any = None,
+        text_pair: str | Sequence[str] | None = None,
+        text_target: str | Sequence[str] | None = None,
+        padding: bool | str = "longest",
+        truncation: bool = False,
+        max_length: int | None = None,
+        return_tensors: str | None = "pt",
+        **kwargs: Any,
+    ) -> BatchFeature:
+        """Prepare model inputs.
+
+        Args:
+            images: one image or a list (PIL, NumPy `HWC`/`CHW`, torch tensors; uint8 or floats in [0, 1]); a list of
+                frame lists is read as videos.
+            text: question(s) / caption prompt(s) -> `input_ids`, `attention_mask` (`[CLS] text`).
+            videos: one video (a list of frames) or a list of videos -> `pixel_values` `(B, T, C, H, W)`.
+            text_pair: second segment(s) -> `[CLS] text [SEP] text_pair [SEP]` with `token_type_ids`.
+            text_target: answers / target captions -> `labels` (`[CLS] text [SEP]`, padding = -100) and
+                `decoder_attention_mask`.
+        """
+        if kwargs:
+            raise TypeError(f"MPLUGProcessor got unexpected argument(s) {sorted(kwargs)}.")
+        if images is None and videos is None and text is None and text_target is None:
+            raise ValueError("Pass `images` (or `videos`) and/or `text` / `text_target`; got nothing to process.")
+        if images is not None and videos is not None:
+            raise ValueError("Pass either `images` or `videos`, not both.")
+        if text_pair is not None and text is None:
+            raise ValueError("`text_pair` needs `text`.")
+        data: dict[str, Any] = {}
+        if images is not None or videos is not None:
+            visual = self.image_processor(images=images, videos=videos, return_tensors=return_tensors)
+            data.update(visual)
+        num_texts = None
+        if text is not None:
+            if text_pair is not None:
+                encoded = self._encode_pair(text, text_pair, padding, truncation, max_length, return_tensors)
+            else:
+                encoded = self.encode_text(text, False, padding, truncation, max_length, return_tensors, "text")
+            data.update(encoded)
+            num_texts = len(encoded["input_ids"])
+        if text_target is not None:
+            target = self.encode_text(text_target, True, padding, truncation, max_length, return_tensors, "text_target")
+            labels = target["input_ids"]
+            labels = labels.masked_fill(target["attention_mask"] == 0, -100) if isinstance(labels, torch.Tensor) else [
+                [t if m else -100 for t, m in zip(row, mask)] for row, mask in zip(labels, target["attention_mask"])
+            ]
+            data["labels"] = labels
+            data["decoder_attention_mask"] = target["attention_mask"]
+            if num_texts is not None and len(labels) != num_texts:
+                raise ValueError(
+                    f"`text` has {num_texts} entries but `text_target` has {len(labels)}; for several answers per "
+                    "question encode the answers with `processor.encode_text(answers, add_eos=True)`."
+                )
+        if "pixel_values" in data and num_texts is not None and len(data["pixel_values"]) != num_texts:
+            raise ValueError(
+                f"Batch size mismatch: {len(data['pixel_values'])} image(s)/video(s) but {num_texts} text(s); pass one "
+                "text per image."
+            )
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def _encode_pair(self, text, text_pair, padding, truncation, max_length, return_tensors) -> BatchFeature:
+        first = self._as_text_list(text, "text")
+        second = self._as_text_list(text_pair, "text_pair")
+        if len(first) != len(second):
+            raise ValueError(f"`text` has {len(first)} entries but `text_pair` has {len(second)}.")
+        return self.tokenizer(
+            first,
+            second,
+            padding=padding,
+            truncation=truncation,
+            max_length=max_length,
+            return_tensors=return_tensors,
+        )
+
+    # -------------------------------------------------------------------------------------------- decoding
+    def decode(self, token_ids: Any, **kwargs: Any) -> str:
+        """Decode one sequence as the original evaluation does: `[SEP]`, `[CLS]`, `[PAD]` removed, stripped."""
+        if isinstance(token_ids, torch.Tensor):
+            token_ids = token_ids.tolist()
+        token_ids = [t for t in token_ids if t >= 0]
+        text = self.tokenizer.decode(token_ids, **kwargs)
+        for token in _DECODE_STRIP:
+            text = text.replace(token, "")
+        return text.strip()
+
+    def batch_decode(self, sequences: Any, **kwargs: Any) -> list[str]:
+        """[`~MPLUGProcessor.decode`] for each row of `sequences`."""
+        if isinstance(sequences, torch.Tensor):
+            sequences = sequences.tolist()
+        return [self.decode(seq, **kwargs) for seq in sequences]
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return ["pixel_values", "input_ids", "attention_mask"]
+
+
+__all__ = ["MPLUGProcessor", "load_vocab"]

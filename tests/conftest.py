@@ -1,0 +1,86 @@
+"""Shared fixtures: tiny configs, the reference folder, a small vocabulary."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from transformers_mplug import MPLUGConfig, MPLUGProcessor
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+REFERENCE_DIR = Path(os.environ.get("MPLUG_REFERENCE_DIR", REPO_ROOT.parent / "shared" / "reference"))
+TF52_PATH = os.environ.get("MPLUG_TF52_PATH", str(REPO_ROOT / ".venv" / "tf52"))
+
+TINY_WORDS = ["what", "is", "the", "color", "of", "a", "cat", "dog", "red", "blue", "two", "how", "many", "##s"]
+
+
+def tiny_config(**overrides) -> MPLUGConfig:
+    """A fresh tiny config (hidden 32, 1-2 layers, 32 px); a new object per call (attn_implementation writes into it)."""
+    args = dict(
+        vision_config=dict(
+            hidden_size=48,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=16,
+            hidden_act="quick_gelu",
+        ),
+        text_config=dict(
+            vocab_size=128,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=40,
+        ),
+        cross_modal_layer_types=["co_attention", "connected_attention", "co_attention"],
+        num_decoder_layers=1,
+        bos_token_id=101 % 128,
+        eos_token_id=102 % 128,
+    )
+    args.update(overrides)
+    return MPLUGConfig(**args)
+
+
+def tiny_inputs(config: MPLUGConfig, batch_size: int = 3, seed: int = 0, padded: bool = True) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    size = config.vision_config.image_size
+    length = 7
+    input_ids = torch.randint(3, config.text_config.vocab_size, (batch_size, length), generator=generator)
+    input_ids[:, 0] = config.bos_token_id
+    attention_mask = torch.ones_like(input_ids)
+    if padded:
+        for row in range(1, batch_size):
+            keep = max(2, length - 2 * row)
+            attention_mask[row, keep:] = 0
+            input_ids[row, keep:] = config.pad_token_id
+    return {
+        "pixel_values": torch.randn(batch_size, 3, size, size, generator=generator),
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+    }
+
+
+@pytest.fixture
+def vocab_file(tmp_path: Path) -> Path:
+    """A bert-base-uncased-shaped vocabulary: [PAD], [unused0..98], [UNK], [CLS], [SEP], [MASK], then words."""
+    tokens = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"] + TINY_WORDS
+    path = tmp_path / "vocab.txt"
+    path.write_text("\n".join(tokens) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def processor(vocab_file: Path) -> MPLUGProcessor:
+    return MPLUGProcessor.from_vocab_file(vocab_file, image_size=32)
+
+
+def require_reference(*parts: str) -> Path:
+    path = REFERENCE_DIR.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"reference fixtures not found at {path} (set MPLUG_REFERENCE_DIR to the shared/reference folder)")
+    return path
