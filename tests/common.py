@@ -12,6 +12,11 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from .conftest import tiny_config, tiny_inputs
 
 
+def _counting_checkpoint(calls: list[int], *args, **kwargs):
+    calls.append(1)
+    return torch.utils.checkpoint.checkpoint(*args, **kwargs)
+
+
 class MPLUGModelTesterMixin:
     """Subclasses set `model_class` and may override `make_inputs` / `output_tensors` / `loss_fn`."""
 
@@ -81,7 +86,9 @@ class MPLUGModelTesterMixin:
                     # the batched row is longer (padding); its valid part is the leading block of the same shape
                     row_slice = batched[name][row : row + 1]
                     row_slice = row_slice[tuple(slice(0, size) for size in alone[name].shape)]
-                    torch.testing.assert_close(row_slice, alone[name], atol=self.atol, rtol=1e-4, msg=f"{name} row {row}")
+                    torch.testing.assert_close(
+                        row_slice, alone[name], atol=self.atol, rtol=1e-4, msg=f"{name} row {row}"
+                    )
 
     def test_gradient_checkpointing_same_loss_and_gradients(self):
         model = self.build()
@@ -101,11 +108,8 @@ class MPLUGModelTesterMixin:
                     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
                 layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
                 assert layers and all(m.gradient_checkpointing for m in layers)
-                calls = []
-                hook = torch.utils.checkpoint.checkpoint
-                def counting(*args, **kwargs):
-                    calls.append(1)
-                    return hook(*args, **kwargs)
+                calls: list[int] = []
+                counting = functools.partial(_counting_checkpoint, calls)
                 for layer in layers:
                     layer._gradient_checkpointing_func = functools.partial(counting, use_reentrant=False)
             loss = self.loss_fn(model(**inputs))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from transformers import AutoConfig, BertConfig, CLIPVisionConfig
+
 from transformers_mplug import MPLUGConfig
 from transformers_mplug.configuration_mplug import cross_modal_schedule
 
@@ -52,7 +52,10 @@ def test_large_preset():
 )
 def test_schedule_derived_from_stride(layers, stride, expected):
     assert cross_modal_schedule(layers, stride) == expected
-    assert MPLUGConfig(num_cross_modal_layers=layers, connected_attention_stride=stride).cross_modal_layer_types == expected
+    assert (
+        MPLUGConfig(num_cross_modal_layers=layers, connected_attention_stride=stride).cross_modal_layer_types
+        == expected
+    )
 
 
 def test_round_trip_through_config_json(tmp_path):

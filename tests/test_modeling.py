@@ -33,8 +33,15 @@ class TestMPLUGModelCommonNoProjection(TestMPLUGModelCommon):
     """Vision width == text width (base-style, no projection); the default tiny config is large-style."""
 
     def make_config(self, **overrides):
-        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                      image_size=32, patch_size=16, hidden_act="quick_gelu")
+        vision = dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=16,
+            hidden_act="quick_gelu",
+        )
         return tiny_config(vision_config=vision, **overrides)
 
 
@@ -58,8 +65,16 @@ def test_output_shapes_and_memory():
 
 def test_projection_only_when_widths_differ():
     assert MPLUGModel(tiny_config()).vision_projection is not None
-    same = tiny_config(vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                          num_attention_heads=2, image_size=32, patch_size=16))
+    same = tiny_config(
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=16,
+        )
+    )
     model = MPLUGModel(same)
     assert model.vision_projection is None
     assert not any(k.startswith("vision_projection") for k in model.state_dict())
@@ -79,8 +94,10 @@ def _manual_layer(layer: MPLUGCrossModalLayer, image, text, mask):
 
     def attention(block, queries, keys, key_mask):
         heads = block.self.num_attention_heads
+
         def split(x):
             return x.view(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)
+
         q, k, v = split(block.self.query(queries)), split(block.self.key(keys)), split(block.self.value(keys))
         scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
         if key_mask is not None:

@@ -18,7 +18,24 @@ AutoImageProcessor.register(MPLUGConfig, slow_image_processor_class=MPLUGImagePr
 AutoTokenizer.register(MPLUGConfig, fast_tokenizer_class=BertTokenizer, exist_ok=True)
 AutoProcessor.register(MPLUGConfig, MPLUGProcessor, exist_ok=True)
 
+
+def register_remote_code() -> None:
+    """Make `save_pretrained` copy this package's code into saved folders, so that they load with
+    `AutoConfig/AutoModel/AutoProcessor.from_pretrained(folder, trust_remote_code=True)` in a process that never
+    imports `transformers_mplug`.
+
+    Example:
+        >>> import transformers_mplug
+        >>> transformers_mplug.register_remote_code()  # then model.save_pretrained(...), processor.save_pretrained(...)
+    """
+    MPLUGConfig.register_for_auto_class()
+    MPLUGModel.register_for_auto_class("AutoModel")
+    MPLUGImageProcessor.register_for_auto_class("AutoImageProcessor")
+    MPLUGProcessor.register_for_auto_class("AutoProcessor")
+
+
 __all__ = [
+    "register_remote_code",
     "MPLUGConfig",
     "MPLUGImageProcessor",
     "MPLUGModel",

@@ -15,32 +15,38 @@ CONNECTED_ATTENTION = "connected_attention"
 CROSS_MODAL_LAYER_TYPES = (CO_ATTENTION, CONNECTED_ATTENTION)
 
 # Keys every `PretrainedConfig` serialises or accepts on top of a model's own arguments.
-_COMMON_KEYS = frozenset(PretrainedConfig().to_dict()) | frozenset(
-    GenerationConfig._get_default_generation_params() if hasattr(GenerationConfig, "_get_default_generation_params") else ()
-) | {
-    "model_type",
-    "transformers_version",
-    "architectures",
-    "auto_map",
-    "torch_dtype",
-    "dtype",
-    "name_or_path",
-    "_name_or_path",
-    "_commit_hash",
-    "attn_implementation",
-    "experts_implementation",
-    "output_attentions",
-    "output_hidden_states",
-    "return_dict",
-    "num_labels",
-    "id2label",
-    "label2id",
-    "problem_type",
-    "tie_word_embeddings",
-    "chunk_size_feed_forward",
-    "is_encoder_decoder",
-    "use_cache",
-}
+_COMMON_KEYS = (
+    frozenset(PretrainedConfig().to_dict())
+    | frozenset(
+        GenerationConfig._get_default_generation_params()
+        if hasattr(GenerationConfig, "_get_default_generation_params")
+        else ()
+    )
+    | {
+        "model_type",
+        "transformers_version",
+        "architectures",
+        "auto_map",
+        "torch_dtype",
+        "dtype",
+        "name_or_path",
+        "_name_or_path",
+        "_commit_hash",
+        "attn_implementation",
+        "experts_implementation",
+        "output_attentions",
+        "output_hidden_states",
+        "return_dict",
+        "num_labels",
+        "id2label",
+        "label2id",
+        "problem_type",
+        "tie_word_embeddings",
+        "chunk_size_feed_forward",
+        "is_encoder_decoder",
+        "use_cache",
+    }
+)
 
 _BASE_VISION = {
     "hidden_size": 768,
@@ -231,7 +237,11 @@ class MPLUGConfig(PretrainedConfig):
                 f"`vision_config.image_size` ({vision.image_size}) must be a multiple of "
                 f"`vision_config.patch_size` ({vision.patch_size})."
             )
-        for name, value in (("pad_token_id", pad_token_id), ("bos_token_id", bos_token_id), ("eos_token_id", eos_token_id)):
+        for name, value in (
+            ("pad_token_id", pad_token_id),
+            ("bos_token_id", bos_token_id),
+            ("eos_token_id", eos_token_id),
+        ):
             if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < text.vocab_size:
                 raise ValueError(
                     f"`{name}` must be an int in [0, text_config.vocab_size={text.vocab_size}), got {value!r}."

@@ -113,8 +113,8 @@ class MPLUGImageProcessor(BaseImageProcessor):
         image_std: Sequence[float] = OPENAI_CLIP_STD,
         **kwargs: Any,
     ) -> None:
-        kwargs.pop("image_processor_type", None)
-        kwargs.pop("processor_class", None)
+        for metadata in ("image_processor_type", "processor_class", "_processor_class", "auto_map"):
+            kwargs.pop(metadata, None)
         if kwargs:
             raise ValueError(f"MPLUGImageProcessor got unknown argument(s) {sorted(kwargs)}.")
         super().__init__()
@@ -169,7 +169,9 @@ class MPLUGImageProcessor(BaseImageProcessor):
             batch = videos
             if isinstance(batch, np.ndarray) or _is_torch_tensor(batch):
                 if batch.ndim not in (4, 5):
-                    raise ValueError(f"`videos` arrays must be (T, ...) frames or (B, T, ...) clips, got {tuple(batch.shape)}.")
+                    raise ValueError(
+                        f"`videos` arrays must be (T, ...) frames or (B, T, ...) clips, got {tuple(batch.shape)}."
+                    )
                 batch = [batch] if batch.ndim == 4 else list(batch)
             elif isinstance(batch, (list, tuple)) and batch and _is_image(batch[0]):
                 batch = [batch]  # a single video given as a list of frames

@@ -139,7 +139,9 @@ class MPLUGCrossModalEncoder(nn.Module):
     def forward(
         self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, attention_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        text_mask = create_bidirectional_mask(config=self.config, inputs_embeds=text_embeds, attention_mask=attention_mask)
+        text_mask = create_bidirectional_mask(
+            config=self.config, inputs_embeds=text_embeds, attention_mask=attention_mask
+        )
         joint_mask = None
         if any(layer.layer_type != CO_ATTENTION for layer in self.layer):
             image_mask = attention_mask.new_ones(image_embeds.shape[:2])
@@ -161,7 +163,13 @@ class MPLUGPreTrainedModel(PreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
-    _no_split_modules = ["CLIPEncoderLayer", "CLIPVisionEmbeddings", "BertEmbeddings", "BertLayer", "MPLUGCrossModalLayer"]
+    _no_split_modules = [
+        "CLIPEncoderLayer",
+        "CLIPVisionEmbeddings",
+        "BertEmbeddings",
+        "BertLayer",
+        "MPLUGCrossModalLayer",
+    ]
     _supports_sdpa = True
     _supports_attention_backend = True
 

@@ -91,7 +91,11 @@ def vision_config_from_state_dict(state_dict: Mapping[str, torch.Tensor], image_
     except KeyError as err:
         raise ValueError(f"Not an mPLUG checkpoint: missing {err.args[0]!r}.") from None
     width, _, patch, _ = conv.shape
-    layers = 1 + max(int(m.group(1)) for k in state_dict if (m := re.match(rf"{re.escape(_VISUAL)}transformer\.resblocks\.(\d+)\.", k)))
+    layers = 1 + max(
+        int(m.group(1))
+        for k in state_dict
+        if (m := re.match(rf"{re.escape(_VISUAL)}transformer\.resblocks\.(\d+)\.", k))
+    )
     grid = int(round((pos.shape[0] - 1) ** 0.5))
     if grid * grid + 1 != pos.shape[0]:
         raise ValueError(f"Vision positional embedding has {pos.shape[0]} rows, which is not 1 + a square grid.")
@@ -135,9 +139,7 @@ def config_from_original(
         "pad_token_id": bert_config.get("pad_token_id", 0),
         "initializer_range": bert_config.get("initializer_range", 0.02),
     }
-    schedule = cross_modal_schedule(
-        int(bert_config.get("fusion_layers", 6)), int(bert_config.get("stride_layer", 3))
-    )
+    schedule = cross_modal_schedule(int(bert_config.get("fusion_layers", 6)), int(bert_config.get("stride_layer", 3)))
     return MPLUGConfig(
         vision_config=vision_config_from_state_dict(state_dict, image_size),
         text_config=text,

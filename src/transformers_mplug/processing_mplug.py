@@ -7,7 +7,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from transformers import BertTokenizer, BatchFeature, ProcessorMixin
+from transformers import BatchFeature, BertTokenizer, ProcessorMixin
+from transformers.image_processing_base import ImageProcessingMixin
 from transformers.utils import logging
 
 from .image_processing_mplug import MPLUGImageProcessor
@@ -37,24 +38,32 @@ class MPLUGProcessor(ProcessorMixin):
 
     Example:
         >>> from PIL import Image
-        >>> from transformers_mplug import MPLUGProcessor
-        >>> processor = MPLUGProcessor.from_vocab_file("../shared/reference/configs/vocab.txt", image_size=32)  # doctest: +SKIP
-        >>> batch = processor(images=Image.new("RGB", (64, 48)), text="what is the color of the cat")  # doctest: +SKIP
-        >>> batch["input_ids"][0, 0].item(), batch["pixel_values"].shape  # doctest: +SKIP
-        (101, torch.Size([1, 3, 32, 32]))
+        >>> from transformers import BertTokenizer
+        >>> from transformers_mplug import MPLUGImageProcessor, MPLUGProcessor
+        >>> vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "what", "is", "red"]
+        >>> tokenizer = BertTokenizer(vocab={t: i for i, t in enumerate(vocab)}, do_lower_case=True)
+        >>> processor = MPLUGProcessor(MPLUGImageProcessor(size={"height": 32, "width": 32}), tokenizer)
+        >>> batch = processor(images=Image.new("RGB", (64, 48)), text="What is red", text_target="red")
+        >>> batch["input_ids"].tolist(), batch["labels"].tolist(), tuple(batch["pixel_values"].shape)
+        ([[2, 4, 5, 6]], [[2, 6, 3]], (1, 3, 32, 32))
+
+    With a real vocabulary: `MPLUGProcessor.from_vocab_file("vocab.txt", image_size=384)`.
     """
 
     attributes = ["image_processor", "tokenizer"]
 
     def __init__(self, image_processor: MPLUGImageProcessor, tokenizer: BertTokenizer, **kwargs: Any) -> None:
-        if not isinstance(image_processor, MPLUGImageProcessor):
+        # (checked by base class, not identity: remote-code folders load the class from a copied module)
+        if not isinstance(image_processor, ImageProcessingMixin):
             raise TypeError(f"`image_processor` must be an MPLUGImageProcessor, got {type(image_processor).__name__}.")
         if tokenizer is None or tokenizer.cls_token_id is None or tokenizer.sep_token_id is None:
             raise TypeError("`tokenizer` must be a BERT WordPiece tokenizer with [CLS] and [SEP] tokens.")
         super().__init__(image_processor, tokenizer, **kwargs)
 
     @classmethod
-    def from_vocab_file(cls, vocab_file: str | os.PathLike, image_size: int = 384, **image_kwargs: Any) -> MPLUGProcessor:
+    def from_vocab_file(
+        cls, vocab_file: str | os.PathLike, image_size: int = 384, **image_kwargs: Any
+    ) -> MPLUGProcessor:
         """Build a processor from a WordPiece `vocab.txt` (lower-casing, as bert-base-uncased) and a resolution."""
         tokenizer = BertTokenizer(vocab=load_vocab(vocab_file), do_lower_case=True, model_max_length=512)
         image_processor = MPLUGImageProcessor(size={"height": image_size, "width": image_size}, **image_kwargs)
@@ -97,7 +106,9 @@ class MPLUGProcessor(ProcessorMixin):
             ids = [seq[:max_length] for seq in ids]
         return self._pad(ids, padding, max_length, return_tensors)
 
-    def _pad(self, ids: list[list[int]], padding: bool | str, max_length: int | None, return_tensors: str | None) -> BatchFeature:
+    def _pad(
+        self, ids: list[list[int]], padding: bool | str, max_length: int | None, return_tensors: str | None
+    ) -> BatchFeature:
         if padding is True:
             padding = "longest"
         if padding not in (False, "longest", "max_length", "do_not_pad"):
@@ -107,7 +118,9 @@ class MPLUGProcessor(ProcessorMixin):
         if padding in (False, "do_not_pad"):
             if return_tensors is not None and len({len(seq) for seq in ids}) > 1:
                 raise ValueError("Texts of different lengths need `padding=True` to be returned as tensors.")
-            return BatchFeature({"input_ids": ids, "attention_mask": [[1] * len(seq) for seq in ids]}, tensor_type=return_tensors)
+            return BatchFeature(
+                {"input_ids": ids, "attention_mask": [[1] * len(seq) for seq in ids]}, tensor_type=return_tensors
+            )
         length = max(len(seq) for seq in ids) if padding == "longest" else max(max_length, max(len(seq) for seq in ids))
         pad_id = self.tokenizer.pad_token_id
         input_ids = [seq + [pad_id] * (length - len(seq)) for seq in ids]
@@ -161,9 +174,13 @@ class MPLUGProcessor(ProcessorMixin):
         if text_target is not None:
             target = self.encode_text(text_target, True, padding, truncation, max_length, return_tensors, "text_target")
             labels = target["input_ids"]
-            labels = labels.masked_fill(target["attention_mask"] == 0, -100) if isinstance(labels, torch.Tensor) else [
-                [t if m else -100 for t, m in zip(row, mask)] for row, mask in zip(labels, target["attention_mask"])
-            ]
+            labels = (
+                labels.masked_fill(target["attention_mask"] == 0, -100)
+                if isinstance(labels, torch.Tensor)
+                else [
+                    [t if m else -100 for t, m in zip(row, mask)] for row, mask in zip(labels, target["attention_mask"])
+                ]
+            )
             data["labels"] = labels
             data["decoder_attention_mask"] = target["attention_mask"]
             if num_texts is not None and len(labels) != num_texts:
