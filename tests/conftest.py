@@ -12,7 +12,7 @@ from transformers_mplug import MPLUGConfig, MPLUGProcessor
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REFERENCE_DIR = Path(os.environ.get("MPLUG_REFERENCE_DIR", REPO_ROOT.parent / "shared" / "reference"))
-TF52_PATH = os.environ.get("MPLUG_TF52_PATH", str(REPO_ROOT / ".venv" / "tf52"))
+TF52_PATH = str(Path(os.environ.get("MPLUG_TF52_PATH", REPO_ROOT / ".venv" / "tf52")).resolve())
 
 TINY_WORDS = ["what", "is", "the", "color", "of", "a", "cat", "dog", "red", "blue", "two", "how", "many", "##s"]
 
