@@ -7,7 +7,15 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoProcesso
 
 from .configuration_mplug import MPLUGConfig
 from .image_processing_mplug import MPLUGImageProcessor
-from .modeling_mplug import MPLUGModel, MPLUGModelOutput, MPLUGPreTrainedModel
+from .modeling_mplug import (
+    MPLUGAnswerRankingOutput,
+    MPLUGDecoderOutput,
+    MPLUGForCaptioning,
+    MPLUGForQuestionAnswering,
+    MPLUGModel,
+    MPLUGModelOutput,
+    MPLUGPreTrainedModel,
+)
 from .processing_mplug import MPLUGProcessor
 
 __version__ = "0.1.0"
@@ -36,7 +44,11 @@ def register_remote_code() -> None:
 
 __all__ = [
     "register_remote_code",
+    "MPLUGAnswerRankingOutput",
     "MPLUGConfig",
+    "MPLUGDecoderOutput",
+    "MPLUGForCaptioning",
+    "MPLUGForQuestionAnswering",
     "MPLUGImageProcessor",
     "MPLUGModel",
     "MPLUGModelOutput",

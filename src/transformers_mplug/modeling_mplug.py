@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import copy
+import inspect
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import BertConfig, BertModel, CLIPVisionConfig, PreTrainedModel
+from transformers import (
+    BertConfig,
+    BertLMHeadModel,
+    BertModel,
+    CLIPVisionConfig,
+    GenerationConfig,
+    GenerationMixin,
+    PreTrainedModel,
+)
 from transformers import initialization as init
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.models.bert.modeling_bert import BertAttention, BertEmbeddings, BertIntermediate, BertOutput
@@ -17,6 +28,9 @@ from transformers.utils import ModelOutput, logging
 from .configuration_mplug import CO_ATTENTION, MPLUGConfig
 
 logger = logging.get_logger(__name__)
+
+# transformers <= 5.23 calls the KV cache `past_key_values`, newer releases `cache`
+_CACHE_ARGUMENT = "cache" if "cache" in inspect.signature(BertLMHeadModel.forward).parameters else "past_key_values"
 
 
 @dataclass
@@ -206,19 +220,25 @@ class MPLUGModel(MPLUGPreTrainedModel):
         (1, 8, 32)
     """
 
-    def __init__(self, config: MPLUGConfig) -> None:
+    def __init__(self, config: MPLUGConfig, vision_only: bool = False) -> None:
+        r"""
+        vision_only (`bool`, *optional*, defaults to `False`):
+            Build only the vision tower (+ projection): what the captioner runs. The text encoder and the
+            cross-modal encoder are then absent, and `forward` needs no text.
+        """
         super().__init__(config)
+        self.vision_only = vision_only
         for sub_config in (config.vision_config, config.text_config):
             if sub_config._attn_implementation is None:
                 sub_config._attn_implementation = config._attn_implementation
         self.vision_model = MPLUGVisionTransformer(config.vision_config)
         self.vision_projection = MPLUGVisionProjection(config) if config.has_vision_projection else None
-        self.text_model = BertModel(config.text_config, add_pooling_layer=False)
-        self.cross_modal_encoder = MPLUGCrossModalEncoder(config)
+        self.text_model = None if vision_only else BertModel(config.text_config, add_pooling_layer=False)
+        self.cross_modal_encoder = None if vision_only else MPLUGCrossModalEncoder(config)
         self.post_init()
 
-    def get_input_embeddings(self) -> nn.Module:
-        return self.text_model.get_input_embeddings()
+    def get_input_embeddings(self) -> nn.Module | None:
+        return None if self.text_model is None else self.text_model.get_input_embeddings()
 
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.text_model.set_input_embeddings(value)
@@ -253,6 +273,8 @@ class MPLUGModel(MPLUGPreTrainedModel):
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Run the BERT text encoder; returns its last hidden state `(B, L, hidden_size)`."""
+        if self.text_model is None:
+            raise ValueError("This trunk was built with `vision_only=True`: it has no text encoder.")
         return self.text_model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).last_hidden_state
 
     def forward(
@@ -279,6 +301,10 @@ class MPLUGModel(MPLUGPreTrainedModel):
         if kwargs:
             raise TypeError(f"MPLUGModel.forward() got unexpected keyword argument(s) {sorted(kwargs)}.")
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if self.vision_only:
+            raise ValueError(
+                "This trunk was built with `vision_only=True` (captioning): use `encode_image(pixel_values)`."
+            )
         if input_ids is None:
             raise ValueError("`input_ids` is required: pass the processor's text ids.")
         if input_ids.dim() != 2:
@@ -323,4 +349,524 @@ class MPLUGModel(MPLUGPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
 
-__all__ = ["MPLUGModel", "MPLUGPreTrainedModel", "MPLUGModelOutput"]
+# ------------------------------------------------------------------------------------------------ task heads
+@dataclass
+class MPLUGDecoderOutput(ModelOutput):
+    r"""
+    Output of the decoder heads ([`MPLUGForQuestionAnswering`], [`MPLUGForCaptioning`]).
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*): the task's training loss (see the head).
+        logits (`torch.FloatTensor` of shape `(num_sequences, length, vocab_size)`):
+            Decoder prediction scores for every position (position `t` predicts token `t + 1`).
+        loss_per_sequence (`torch.FloatTensor` of shape `(num_sequences,)`, *optional*):
+            Summed token negative log-likelihood of each target sequence.
+        memory (`torch.FloatTensor` of shape `(batch_size, memory_length, hidden_size)`):
+            What the decoder attended to (per question / image, before repetition over answers).
+        memory_attention_mask (`torch.LongTensor` of shape `(batch_size, memory_length)`): its mask.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    loss_per_sequence: torch.FloatTensor | None = None
+    memory: torch.FloatTensor | None = None
+    memory_attention_mask: torch.LongTensor | None = None
+
+
+@dataclass
+class MPLUGAnswerRankingOutput(ModelOutput):
+    r"""
+    Output of [`MPLUGForQuestionAnswering.rank_answers`].
+
+    Args:
+        indices (`torch.LongTensor` of shape `(batch_size, k)`): candidate indices, best first.
+        probabilities (`torch.FloatTensor` of shape `(batch_size, k)`):
+            Probabilities over the `k` re-ranked candidates (they sum to 1 per question), sorted descending.
+        first_token_probabilities (`torch.FloatTensor` of shape `(batch_size, num_candidates)`):
+            Probability of each candidate's first token after `[CLS]`: the pre-selection score.
+    """
+
+    indices: torch.LongTensor | None = None
+    probabilities: torch.FloatTensor | None = None
+    first_token_probabilities: torch.FloatTensor | None = None
+
+
+def _sequence_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token negative log-likelihood per row (`labels` use -100 for ignored positions)."""
+    shifted = logits[:, :-1].float()
+    targets = labels[:, 1:]
+    token_nll = nn.functional.cross_entropy(
+        shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="none"
+    )
+    return token_nll.view(targets.shape).sum(dim=1)
+
+
+def _decoder_inputs(
+    labels: torch.Tensor | None,
+    input_ids: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    pad_token_id: int,
+    names: tuple[str, str] = ("decoder_input_ids", "decoder_attention_mask"),
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Decoder ids/mask from explicit ids or from `labels` (-100 = padding); labels from ids when absent."""
+    if input_ids is None:
+        if labels is None:
+            raise ValueError(f"Pass `labels` (targets from the processor's `text_target`) or `{names[0]}`.")
+        input_ids = labels.masked_fill(labels == -100, pad_token_id)
+        if attention_mask is None:
+            attention_mask = (labels != -100).long()
+    if input_ids.dim() != 2:
+        raise ValueError(f"`{names[0]}` must have shape (num_sequences, length), got {tuple(input_ids.shape)}.")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"`{names[1]}` must have the shape of `{names[0]}` {tuple(input_ids.shape)}.")
+    if labels is not None and labels.shape != input_ids.shape:
+        raise ValueError(f"`labels` shape {tuple(labels.shape)} must equal `{names[0]}` shape {tuple(input_ids.shape)}.")
+    return input_ids, attention_mask, labels
+
+
+class MPLUGDecoderHeadMixin:
+    """Shared pieces of the heads that put the BERT decoder (`text_decoder`, a `BertLMHeadModel`) on a memory."""
+
+    text_decoder: BertLMHeadModel
+    config: MPLUGConfig
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.text_decoder.get_output_embeddings()
+
+    def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
+        self.text_decoder.set_output_embeddings(new_embeddings)
+
+    def _decode(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        memory: torch.Tensor,
+        memory_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        return self.text_decoder(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            encoder_hidden_states=memory,
+            encoder_attention_mask=memory_mask,
+            use_cache=False,
+            return_dict=True,
+        ).logits
+
+    def _generate_from_memory(
+        self,
+        memory: torch.Tensor,
+        memory_mask: torch.Tensor,
+        prompt_ids: torch.Tensor | None,
+        generation_config: GenerationConfig | None,
+        kwargs: dict,
+    ):
+        for name in ("token_type_ids", "decoder_input_ids", "encoder_hidden_states", "encoder_attention_mask"):
+            if name in kwargs and name != "token_type_ids":
+                raise ValueError(f"`{name}` is computed by generate(); do not pass it.")
+            kwargs.pop(name, None)
+        if prompt_ids is None:
+            prompt_ids = torch.full(
+                (memory.shape[0], 1), self.config.bos_token_id, dtype=torch.long, device=memory.device
+            )
+        generation_config = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
+        model_kwargs = generation_config.update(**kwargs)
+        if generation_config.use_cache is not False and _CACHE_ARGUMENT not in model_kwargs:
+            # the decoder cross-attends to the memory: its cache must hold self- and cross-attention keys/values
+            model_kwargs[_CACHE_ARGUMENT] = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        return self.text_decoder.generate(
+            input_ids=prompt_ids,
+            attention_mask=torch.ones_like(prompt_ids),
+            encoder_hidden_states=memory,
+            encoder_attention_mask=memory_mask,
+            generation_config=generation_config,
+            **model_kwargs,
+        )
+
+
+class MPLUGForQuestionAnswering(MPLUGDecoderHeadMixin, MPLUGPreTrainedModel, GenerationMixin):
+    r"""
+    mPLUG for visual question answering: the trunk, then a BERT decoder (with cross-attention, LM head tied to its
+    word embeddings) over the memory `concat(V', T')` with mask `concat(ones, question mask)`.
+
+    - `forward(..., labels=...)`: the original weighted loss `sum_i w_i * sum_t NLL_{i,t} / batch_size` over answers
+      (several per question with `answer_question_index` or `answers_per_question`, weights in `answer_weights`).
+    - `generate(pixel_values, input_ids, attention_mask, **generation_kwargs)`: free-form answers (5 beams,
+      1-10 new tokens by default); the image and question are encoded once per call.
+    - `rank_answers(...)`: closed-vocabulary ranking as the original (`k` candidates by first-token probability,
+      re-scored by the full answer log-likelihood).
+
+    Example:
+        >>> import torch
+        >>> from transformers_mplug import MPLUGConfig, MPLUGForQuestionAnswering
+        >>> config = MPLUGConfig(
+        ...     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        ...                        image_size=32, patch_size=16),
+        ...     text_config=dict(vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        ...                      intermediate_size=64),
+        ...     num_cross_modal_layers=2, num_decoder_layers=1, bos_token_id=101, eos_token_id=102,
+        ... )
+        >>> model = MPLUGForQuestionAnswering(config).eval()
+        >>> pixel_values, question = torch.randn(1, 3, 32, 32), torch.tensor([[101, 7, 8]])
+        >>> answer = torch.tensor([[101, 9, 102]])
+        >>> model(pixel_values=pixel_values, input_ids=question, labels=answer).loss.shape
+        torch.Size([])
+        >>> model.generate(pixel_values=pixel_values, input_ids=question, max_new_tokens=3).shape[1] <= 4
+        True
+    """
+
+    _tied_weights_keys = {
+        "text_decoder.cls.predictions.decoder.weight": "text_decoder.bert.embeddings.word_embeddings.weight",
+        "text_decoder.cls.predictions.decoder.bias": "text_decoder.cls.predictions.bias",
+    }
+
+    def __init__(self, config: MPLUGConfig) -> None:
+        super().__init__(config)
+        self.mplug = MPLUGModel(config)
+        self.text_decoder = BertLMHeadModel(config.decoder_config())
+        self.post_init()
+        self.generation_config = self.default_generation_config(config)
+
+    @staticmethod
+    def default_generation_config(config: MPLUGConfig) -> GenerationConfig:
+        """The original VQA decoding: beam search with 5 beams, 1 to 10 new tokens, `[CLS]` -> ... -> `[SEP]`."""
+        return GenerationConfig(
+            num_beams=5,
+            max_new_tokens=10,
+            min_new_tokens=1,
+            bos_token_id=config.bos_token_id,
+            eos_token_id=config.eos_token_id,
+            pad_token_id=config.pad_token_id,
+            decoder_start_token_id=config.bos_token_id,
+        )
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.text_decoder.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.text_decoder.set_input_embeddings(value)
+
+    def _memory(self, pixel_values, input_ids, attention_mask, image_embeds) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.mplug(
+            pixel_values=pixel_values,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            image_embeds=image_embeds,
+            return_dict=True,
+        )
+        return out.last_hidden_state, out.memory_attention_mask
+
+    @staticmethod
+    def _answer_index(
+        batch_size: int,
+        num_answers: int,
+        answer_question_index: torch.Tensor | None,
+        answers_per_question: torch.Tensor | list[int] | None,
+        device: torch.device,
+    ) -> torch.Tensor:
+        if answer_question_index is not None and answers_per_question is not None:
+            raise ValueError("Pass `answer_question_index` or `answers_per_question`, not both.")
+        if answers_per_question is not None:
+            counts = torch.as_tensor(answers_per_question, dtype=torch.long, device=device)
+            if counts.dim() != 1 or counts.numel() != batch_size or bool((counts < 1).any()):
+                raise ValueError(
+                    f"`answers_per_question` must hold one positive count per question ({batch_size}), got {counts.tolist()}."
+                )
+            answer_question_index = torch.repeat_interleave(torch.arange(batch_size, device=device), counts)
+        if answer_question_index is None:
+            if num_answers != batch_size:
+                raise ValueError(
+                    f"{num_answers} answers for {batch_size} questions: pass `answer_question_index` or "
+                    "`answers_per_question` to say which question each answer belongs to."
+                )
+            return torch.arange(batch_size, device=device)
+        answer_question_index = torch.as_tensor(answer_question_index, dtype=torch.long, device=device)
+        if answer_question_index.shape != (num_answers,):
+            raise ValueError(
+                f"`answer_question_index`/`answers_per_question` cover {answer_question_index.numel()} answers but "
+                f"`labels` has {num_answers}."
+            )
+        if bool((answer_question_index < 0).any()) or bool((answer_question_index >= batch_size).any()):
+            raise ValueError(f"`answer_question_index` values must be in [0, {batch_size}).")
+        return answer_question_index
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        decoder_input_ids: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        answer_weights: torch.Tensor | None = None,
+        answer_question_index: torch.Tensor | None = None,
+        answers_per_question: torch.Tensor | list[int] | None = None,
+        image_embeds: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> MPLUGDecoderOutput | tuple:
+        r"""
+        Args:
+            pixel_values, input_ids, attention_mask, image_embeds: image(s) and question(s), as for [`MPLUGModel`].
+            labels (`torch.LongTensor` of shape `(num_answers, length)`):
+                Answers `[CLS] answer [SEP]`, padding -100 (the processor's `text_target`). The loss is
+                `sum_i answer_weights[i] * NLL(answer i) / batch_size`, NLL summed over its tokens.
+            decoder_input_ids, decoder_attention_mask: the answers as decoder inputs (derived from `labels` if absent).
+            answer_weights (`torch.FloatTensor` of shape `(num_answers,)`): VQA soft scores (default 1).
+            answer_question_index (`torch.LongTensor` of shape `(num_answers,)`): question of each answer, or
+            answers_per_question (`list[int]` of length `batch_size`): number of consecutive answers per question.
+        """
+        kwargs.pop("token_type_ids", None)  # the original never passes token types (all zero)
+        if kwargs:
+            raise TypeError(f"{type(self).__name__}.forward() got unexpected keyword argument(s) {sorted(kwargs)}.")
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if labels is None and decoder_input_ids is None:
+            raise ValueError(
+                "Pass the answers as `labels` (training) or `decoder_input_ids`; for inference use `generate()` or "
+                "`rank_answers()`."
+            )
+        decoder_input_ids, decoder_attention_mask, labels = _decoder_inputs(
+            labels, decoder_input_ids, decoder_attention_mask, self.config.pad_token_id
+        )
+        memory, memory_mask = self._memory(pixel_values, input_ids, attention_mask, image_embeds)
+        batch_size, num_answers = memory.shape[0], decoder_input_ids.shape[0]
+        index = self._answer_index(
+            batch_size, num_answers, answer_question_index, answers_per_question, memory.device
+        )
+        logits = self._decode(decoder_input_ids, decoder_attention_mask, memory[index], memory_mask[index])
+        loss = loss_per_answer = None
+        if labels is not None:
+            loss_per_answer = _sequence_nll(logits, labels)
+            if answer_weights is None:
+                weights = torch.ones_like(loss_per_answer)
+            else:
+                weights = torch.as_tensor(answer_weights, dtype=loss_per_answer.dtype, device=loss_per_answer.device)
+                if weights.shape != loss_per_answer.shape:
+                    raise ValueError(f"`answer_weights` must have shape ({num_answers},), got {tuple(weights.shape)}.")
+            loss = (weights * loss_per_answer).sum() / batch_size
+        output = MPLUGDecoderOutput(
+            loss=loss, logits=logits, loss_per_sequence=loss_per_answer, memory=memory, memory_attention_mask=memory_mask
+        )
+        return output if return_dict else output.to_tuple()
+
+    @torch.no_grad()
+    def generate(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+        generation_config: GenerationConfig | None = None,
+        **generation_kwargs,
+    ):
+        r"""
+        Answer questions freely. `input_ids`/`attention_mask` are the processor's question ids; the image and the
+        question are encoded once, then the decoder generates from `[CLS]` until `[SEP]` with a KV cache (self- and
+        cross-attention). `generation_kwargs` (`num_beams`, `max_new_tokens`, `min_new_tokens`, `do_sample`,
+        `output_scores`, `return_dict_in_generate`, ...) mean what they mean in transformers. Returned sequences
+        start with `[CLS]`; decode them with `processor.batch_decode`.
+        """
+        if input_ids is None:
+            raise ValueError("`input_ids` (the question ids from the processor) is required.")
+        memory, memory_mask = self._memory(pixel_values, input_ids, attention_mask, image_embeds)
+        return self._generate_from_memory(memory, memory_mask, None, generation_config, generation_kwargs)
+
+    @torch.no_grad()
+    def rank_answers(
+        self,
+        candidate_input_ids: torch.Tensor,
+        candidate_attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+        k: int = 128,
+    ) -> MPLUGAnswerRankingOutput:
+        r"""
+        Closed-vocabulary answering as the original `rank_answer`: the probability of each candidate's first token
+        after `[CLS]` picks `k` candidates, which are re-scored by `log p(first token) + log p(answer)` (the first
+        token counts twice, as in the original) and normalised over the `k`.
+
+        Args:
+            candidate_input_ids (`torch.LongTensor` of shape `(num_candidates, length)`):
+                `processor.encode_text(answer_list, add_eos=True)["input_ids"]` (`[CLS] answer [SEP]`, padded).
+            candidate_attention_mask: its mask (derived from padding when absent).
+            k: how many candidates to re-score (capped at the number of candidates).
+        """
+        if not isinstance(candidate_input_ids, torch.Tensor) or candidate_input_ids.dim() != 2:
+            raise ValueError("`candidate_input_ids` must be a (num_candidates, length) tensor of answer ids.")
+        if candidate_input_ids.shape[1] < 2:
+            raise ValueError("`candidate_input_ids` rows must hold `[CLS]` and at least one answer token.")
+        if candidate_attention_mask is None:
+            candidate_attention_mask = (candidate_input_ids != self.config.pad_token_id).long()
+            candidate_attention_mask[:, 0] = 1
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"`k` must be a positive int, got {k!r}.")
+        if input_ids is None:
+            raise ValueError("`input_ids` (the question ids from the processor) is required.")
+        memory, memory_mask = self._memory(pixel_values, input_ids, attention_mask, image_embeds)
+        batch_size, num_candidates = memory.shape[0], candidate_input_ids.shape[0]
+        k = min(k, num_candidates)
+        device = memory.device
+        candidate_input_ids = candidate_input_ids.to(device)
+        candidate_attention_mask = candidate_attention_mask.to(device)
+
+        start = candidate_input_ids[:1, :1].expand(batch_size, 1)
+        first_logits = self._decode(start, torch.ones_like(start), memory, memory_mask)[:, 0]
+        first_probs = first_logits.float().softmax(dim=-1)[:, candidate_input_ids[:, 1]]
+        top_probs, top_ids = first_probs.topk(k, dim=1)
+
+        ids = candidate_input_ids[top_ids].flatten(0, 1)
+        mask = candidate_attention_mask[top_ids].flatten(0, 1)
+        logits = self._decode(ids, mask, memory.repeat_interleave(k, 0), memory_mask.repeat_interleave(k, 0))
+        nll = _sequence_nll(logits, ids.masked_fill(mask == 0, -100)).view(batch_size, k)
+        scores = top_probs.log() - nll
+        probabilities, order = scores.softmax(dim=-1).sort(dim=1, descending=True)
+        return MPLUGAnswerRankingOutput(
+            indices=top_ids.gather(1, order), probabilities=probabilities, first_token_probabilities=first_probs
+        )
+
+
+class MPLUGForCaptioning(MPLUGDecoderHeadMixin, MPLUGPreTrainedModel, GenerationMixin):
+    r"""
+    mPLUG for image (and video) captioning: the BERT decoder attends to the image features V only — as the original
+    captioner, the text encoder and the cross-modal encoder are neither built nor run (`self.mplug` is a
+    vision-only trunk; loading a full trunk reports their weights as unused).
+
+    - `forward(pixel_values, labels=...)`: token-mean cross-entropy over the caption tokens (`-100` ignored, e.g.
+      padding and prompt tokens).
+    - `generate(pixel_values, input_ids=None, **generation_kwargs)`: `input_ids` is an optional prompt
+      (`processor(text="a picture of")`, `[CLS] a picture of`); defaults: 5 beams, 8 to 25 new tokens.
+
+    Example:
+        >>> import torch
+        >>> from transformers_mplug import MPLUGConfig, MPLUGForCaptioning
+        >>> config = MPLUGConfig(
+        ...     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        ...                        image_size=32, patch_size=16),
+        ...     text_config=dict(vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        ...                      intermediate_size=64),
+        ...     num_decoder_layers=1, bos_token_id=101, eos_token_id=102,
+        ... )
+        >>> model = MPLUGForCaptioning(config).eval()
+        >>> caption = torch.tensor([[101, 7, 8, 102]])
+        >>> model(pixel_values=torch.randn(1, 3, 32, 32), labels=caption).loss.shape
+        torch.Size([])
+        >>> model.generate(pixel_values=torch.randn(1, 3, 32, 32), num_beams=1, min_new_tokens=1, max_new_tokens=4).shape[0]
+        1
+    """
+
+    _tied_weights_keys = MPLUGForQuestionAnswering._tied_weights_keys
+
+    def __init__(self, config: MPLUGConfig) -> None:
+        super().__init__(config)
+        self.mplug = MPLUGModel(config, vision_only=True)
+        self.text_decoder = BertLMHeadModel(config.decoder_config())
+        self.post_init()
+        self.generation_config = self.default_generation_config(config)
+
+    @staticmethod
+    def default_generation_config(config: MPLUGConfig) -> GenerationConfig:
+        """The original captioning decoding: 5 beams, 8 to 25 new tokens."""
+        return GenerationConfig(
+            num_beams=5,
+            max_new_tokens=25,
+            min_new_tokens=8,
+            bos_token_id=config.bos_token_id,
+            eos_token_id=config.eos_token_id,
+            pad_token_id=config.pad_token_id,
+            decoder_start_token_id=config.bos_token_id,
+        )
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.text_decoder.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.text_decoder.set_input_embeddings(value)
+
+    def _memory(self, pixel_values, image_embeds) -> tuple[torch.Tensor, torch.Tensor]:
+        if image_embeds is None:
+            if pixel_values is None:
+                raise ValueError("Pass `pixel_values` (or precomputed `image_embeds`).")
+            image_embeds = self.mplug.encode_image(pixel_values)[1]
+        elif pixel_values is not None:
+            raise ValueError("Pass either `pixel_values` or `image_embeds`, not both.")
+        mask = torch.ones(image_embeds.shape[:2], dtype=torch.long, device=image_embeds.device)
+        return image_embeds, mask
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> MPLUGDecoderOutput | tuple:
+        r"""
+        Args:
+            pixel_values (`(B, C, H, W)` or video `(B, T, C, H, W)`) or image_embeds: the image(s).
+            input_ids, attention_mask: decoder input `[CLS] (prompt) caption [SEP]` (derived from `labels` if absent).
+            labels: the same ids with -100 where no loss is wanted (padding, prompt); loss = mean token NLL.
+        """
+        kwargs.pop("token_type_ids", None)
+        if kwargs:
+            raise TypeError(f"{type(self).__name__}.forward() got unexpected keyword argument(s) {sorted(kwargs)}.")
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        input_ids, attention_mask, labels = _decoder_inputs(
+            labels, input_ids, attention_mask, self.config.pad_token_id, ("input_ids", "attention_mask")
+        )
+        memory, memory_mask = self._memory(pixel_values, image_embeds)
+        if memory.shape[0] != input_ids.shape[0]:
+            raise ValueError(f"Batch size mismatch: {memory.shape[0]} images but {input_ids.shape[0]} captions.")
+        logits = self._decode(input_ids, attention_mask, memory, memory_mask)
+        loss = loss_per_caption = None
+        if labels is not None:
+            loss_per_caption = _sequence_nll(logits, labels)
+            num_tokens = (labels[:, 1:] != -100).sum()
+            loss = loss_per_caption.sum() / num_tokens.clamp(min=1)
+        output = MPLUGDecoderOutput(
+            loss=loss, logits=logits, loss_per_sequence=loss_per_caption, memory=memory, memory_attention_mask=memory_mask
+        )
+        return output if return_dict else output.to_tuple()
+
+    @torch.no_grad()
+    def generate(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+        generation_config: GenerationConfig | None = None,
+        **generation_kwargs,
+    ):
+        r"""
+        Caption images (or videos). `input_ids` is an optional prompt starting with `[CLS]` (e.g.
+        `processor(text="a picture of")["input_ids"]`); all prompts of a batch must have the same length (no
+        padding). The image is encoded once; the decoder uses a KV cache.
+        """
+        memory, memory_mask = self._memory(pixel_values, image_embeds)
+        if input_ids is not None:
+            if input_ids.dim() != 2 or input_ids.shape[0] not in (1, memory.shape[0]):
+                raise ValueError(
+                    f"`input_ids` (the prompt) must have shape (1 or batch, length), got {tuple(input_ids.shape)}."
+                )
+            if attention_mask is not None and bool((attention_mask == 0).any()):
+                raise ValueError("Prompts in one batch must have the same length (no padding); call per prompt.")
+            if input_ids.shape[1] < 1 or bool((input_ids[:, 0] != self.config.bos_token_id).any()):
+                raise ValueError("`input_ids` (the prompt) must start with `[CLS]` as the processor encodes it.")
+            input_ids = input_ids.to(memory.device).expand(memory.shape[0], -1)
+        return self._generate_from_memory(memory, memory_mask, input_ids, generation_config, generation_kwargs)
+
+
+__all__ = [
+    "MPLUGModel",
+    "MPLUGPreTrainedModel",
+    "MPLUGModelOutput",
+    "MPLUGForQuestionAnswering",
+    "MPLUGForCaptioning",
+    "MPLUGDecoderOutput",
+    "MPLUGAnswerRankingOutput",
+]

@@ -171,12 +171,13 @@ def _map_clip(rest: str, value: torch.Tensor, out: dict[str, torch.Tensor], pref
 
 
 def map_original_trunk_state_dict(
-    state_dict: Mapping[str, torch.Tensor], config: MPLUGConfig, prefix: str = ""
+    state_dict: Mapping[str, torch.Tensor], config: MPLUGConfig, prefix: str = "", vision_only: bool = False
 ) -> OriginalKeyMapping:
     """Map the trunk part of an original mPLUG state dict onto [`MPLUGModel`] keys (with `prefix` in front).
 
     Keys outside the trunk (decoder, heads) are returned in `unmapped` for the caller to place or reject; dead and
-    training-only weights are listed in `dropped` by reason.
+    training-only weights are listed in `dropped` by reason. With `vision_only` (the captioner), the text encoder
+    and the fusion, which the original captioner never runs, are dropped.
     """
     result = OriginalKeyMapping(state_dict={})
     out = result.state_dict
@@ -207,6 +208,8 @@ def map_original_trunk_state_dict(
                 continue
             name = key.replace("visn_fc.", "dense.", 1).replace("visn_layer_norm.", "layer_norm.", 1)
             out[prefix + "vision_projection." + name] = value
+        elif vision_only and key.startswith(("text_encoder.", "fusion_encoder.")):
+            result.drop("text encoder / fusion (never run by the captioner)", raw_key)
         elif key.startswith("text_encoder."):
             rest = key[len("text_encoder.") :]
             if _REBUILT_BUFFERS.search(rest):
@@ -238,6 +241,45 @@ def map_original_trunk_state_dict(
         else:
             result.unmapped.append(raw_key)
     return result
+
+
+TASKS = ("trunk", "vqa", "caption", "retrieval", "grounding")
+
+
+def map_original_state_dict(state_dict: Mapping[str, torch.Tensor], config: MPLUGConfig, task: str) -> OriginalKeyMapping:
+    """Map an original task state dict onto our class for `task`: `"trunk"` ([`MPLUGModel`]), `"vqa"`
+    ([`MPLUGForQuestionAnswering`]) or `"caption"` ([`MPLUGForCaptioning`])."""
+    if task not in TASKS:
+        raise ValueError(f"`task` must be one of {TASKS}, got {task!r}.")
+    if task == "trunk":
+        return map_original_trunk_state_dict(state_dict, config)
+    mapping = map_original_trunk_state_dict(state_dict, config, prefix="mplug.", vision_only=task == "caption")
+    unmapped, mapping.unmapped = mapping.unmapped, []
+    for raw_key in unmapped:
+        key = normalise_original_key(raw_key)
+        value = state_dict[raw_key]
+        if task in ("vqa", "caption", "grounding") and key.startswith("text_decoder."):
+            rest = key[len("text_decoder.") :]
+            if _REBUILT_BUFFERS.search(rest):
+                mapping.drop("buffers rebuilt by transformers", raw_key)
+            elif rest.startswith(("bert.embeddings.", "bert.encoder.layer.", "cls.predictions.")):
+                mapping.state_dict["text_decoder." + rest] = value
+            else:
+                mapping.unmapped.append(raw_key)
+        else:
+            mapping.unmapped.append(raw_key)
+    return mapping
+
+
+def load_original_state_dict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], task: str) -> OriginalKeyMapping:
+    """Map an original state dict for `task` (see [`map_original_state_dict`]) and load it strictly into `model`."""
+    mapping = map_original_state_dict(state_dict, model.config, task)
+    if mapping.unmapped:
+        raise ValueError(
+            f"{len(mapping.unmapped)} original key(s) cannot be placed in {type(model).__name__}: {mapping.unmapped}"
+        )
+    check_and_load(model, mapping.state_dict)
+    return mapping
 
 
 def load_original_trunk(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]) -> OriginalKeyMapping:
@@ -277,6 +319,8 @@ __all__ = [
     "config_from_original",
     "vision_config_from_state_dict",
     "map_original_trunk_state_dict",
+    "map_original_state_dict",
+    "load_original_state_dict",
     "load_original_trunk",
     "check_and_load",
 ]
