@@ -422,7 +422,9 @@ def _decoder_inputs(
     if attention_mask.shape != input_ids.shape:
         raise ValueError(f"`{names[1]}` must have the shape of `{names[0]}` {tuple(input_ids.shape)}.")
     if labels is not None and labels.shape != input_ids.shape:
-        raise ValueError(f"`labels` shape {tuple(labels.shape)} must equal `{names[0]}` shape {tuple(input_ids.shape)}.")
+        raise ValueError(
+            f"`labels` shape {tuple(labels.shape)} must equal `{names[0]}` shape {tuple(input_ids.shape)}."
+        )
     return input_ids, attention_mask, labels
 
 
@@ -470,7 +472,9 @@ class MPLUGDecoderHeadMixin:
             prompt_ids = torch.full(
                 (memory.shape[0], 1), self.config.bos_token_id, dtype=torch.long, device=memory.device
             )
-        generation_config = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
+        generation_config = copy.deepcopy(
+            generation_config if generation_config is not None else self.generation_config
+        )
         model_kwargs = generation_config.update(**kwargs)
         if generation_config.use_cache is not False and _CACHE_ARGUMENT not in model_kwargs:
             # the decoder cross-attends to the memory: its cache must hold self- and cross-attention keys/values
@@ -631,9 +635,7 @@ class MPLUGForQuestionAnswering(MPLUGDecoderHeadMixin, MPLUGPreTrainedModel, Gen
         )
         memory, memory_mask = self._memory(pixel_values, input_ids, attention_mask, image_embeds)
         batch_size, num_answers = memory.shape[0], decoder_input_ids.shape[0]
-        index = self._answer_index(
-            batch_size, num_answers, answer_question_index, answers_per_question, memory.device
-        )
+        index = self._answer_index(batch_size, num_answers, answer_question_index, answers_per_question, memory.device)
         logits = self._decode(decoder_input_ids, decoder_attention_mask, memory[index], memory_mask[index])
         loss = loss_per_answer = None
         if labels is not None:
@@ -646,7 +648,11 @@ class MPLUGForQuestionAnswering(MPLUGDecoderHeadMixin, MPLUGPreTrainedModel, Gen
                     raise ValueError(f"`answer_weights` must have shape ({num_answers},), got {tuple(weights.shape)}.")
             loss = (weights * loss_per_answer).sum() / batch_size
         output = MPLUGDecoderOutput(
-            loss=loss, logits=logits, loss_per_sequence=loss_per_answer, memory=memory, memory_attention_mask=memory_mask
+            loss=loss,
+            logits=logits,
+            loss_per_sequence=loss_per_answer,
+            memory=memory,
+            memory_attention_mask=memory_mask,
         )
         return output if return_dict else output.to_tuple()
 
@@ -828,7 +834,11 @@ class MPLUGForCaptioning(MPLUGDecoderHeadMixin, MPLUGPreTrainedModel, Generation
             num_tokens = (labels[:, 1:] != -100).sum()
             loss = loss_per_caption.sum() / num_tokens.clamp(min=1)
         output = MPLUGDecoderOutput(
-            loss=loss, logits=logits, loss_per_sequence=loss_per_caption, memory=memory, memory_attention_mask=memory_mask
+            loss=loss,
+            logits=logits,
+            loss_per_sequence=loss_per_caption,
+            memory=memory,
+            memory_attention_mask=memory_mask,
         )
         return output if return_dict else output.to_tuple()
 

@@ -246,7 +246,9 @@ def map_original_trunk_state_dict(
 TASKS = ("trunk", "vqa", "caption", "retrieval", "grounding")
 
 
-def map_original_state_dict(state_dict: Mapping[str, torch.Tensor], config: MPLUGConfig, task: str) -> OriginalKeyMapping:
+def map_original_state_dict(
+    state_dict: Mapping[str, torch.Tensor], config: MPLUGConfig, task: str
+) -> OriginalKeyMapping:
     """Map an original task state dict onto our class for `task`: `"trunk"` ([`MPLUGModel`]), `"vqa"`
     ([`MPLUGForQuestionAnswering`]) or `"caption"` ([`MPLUGForCaptioning`])."""
     if task not in TASKS:
@@ -271,7 +273,9 @@ def map_original_state_dict(state_dict: Mapping[str, torch.Tensor], config: MPLU
     return mapping
 
 
-def load_original_state_dict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], task: str) -> OriginalKeyMapping:
+def load_original_state_dict(
+    model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], task: str
+) -> OriginalKeyMapping:
     """Map an original state dict for `task` (see [`map_original_state_dict`]) and load it strictly into `model`."""
     mapping = map_original_state_dict(state_dict, model.config, task)
     if mapping.unmapped:
