@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from transformers import GenerationConfig
+
 from transformers_mplug import MPLUGForQuestionAnswering, MPLUGModel
 
 from .common import MPLUGModelTesterMixin
