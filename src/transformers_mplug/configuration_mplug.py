@@ -132,6 +132,18 @@ class MPLUGConfig(PretrainedConfig):
             Dropout after the vision -> text projection (only present when the widths differ).
         initializer_range (`float`, *optional*, defaults to 0.02):
             Std of the normal initialiser of the weights that are not CLIP's.
+        projection_dim (`int`, *optional*, defaults to 256):
+            Width of the image-text contrastive (ITC) features of the retrieval head.
+        itc_temperature (`float`, *optional*, defaults to 0.07):
+            Initial value of the learnable ITC temperature.
+        grounding_prefix_token_id (`int`, *optional*, defaults to 344):
+            The token (`[unused339]`) the grounding decoder starts from after nothing else.
+        coordinate_token_start_id (`int`, *optional*, defaults to 345):
+            Id of coordinate bin 0 (`[unused340]`); bins are consecutive ids.
+        num_coordinate_bins (`int`, *optional*, defaults to 337):
+            Number of coordinate bins (a coordinate `v` in [0, 1] becomes bin `floor(v * (bins - 1))`).
+        grounding_loss_weighting (`str`, *optional*, defaults to `"original"`):
+            `"original"`: the original's batch-broadcast L1/GIoU weighting (parity); `"per_box"`: each box's own.
         pad_token_id, bos_token_id, eos_token_id (`int`, *optional*):
             `[PAD]` (0), `[CLS]` (101, decoding starts here) and `[SEP]` (102, decoding stops here).
 
@@ -158,6 +170,12 @@ class MPLUGConfig(PretrainedConfig):
         image_size: int | None = None,
         vision_projection_dropout: float = 0.1,
         initializer_range: float = 0.02,
+        projection_dim: int = 256,
+        itc_temperature: float = 0.07,
+        grounding_prefix_token_id: int = 344,
+        coordinate_token_start_id: int = 345,
+        num_coordinate_bins: int = 337,
+        grounding_loss_weighting: str = "original",
         pad_token_id: int = 0,
         bos_token_id: int = 101,
         eos_token_id: int = 102,
@@ -215,6 +233,22 @@ class MPLUGConfig(PretrainedConfig):
             raise ValueError(f"`vision_projection_dropout` must be in [0, 1), got {vision_projection_dropout!r}.")
         self.vision_projection_dropout = float(vision_projection_dropout)
         self.initializer_range = float(initializer_range)
+        if not isinstance(projection_dim, int) or isinstance(projection_dim, bool) or projection_dim < 1:
+            raise ValueError(f"`projection_dim` must be a positive int, got {projection_dim!r}.")
+        if not 0.0 < float(itc_temperature) <= 1.0:
+            raise ValueError(f"`itc_temperature` must be in (0, 1], got {itc_temperature!r}.")
+        if not isinstance(num_coordinate_bins, int) or num_coordinate_bins < 2:
+            raise ValueError(f"`num_coordinate_bins` must be an int >= 2, got {num_coordinate_bins!r}.")
+        self.projection_dim = projection_dim
+        self.itc_temperature = float(itc_temperature)
+        self.grounding_prefix_token_id = grounding_prefix_token_id
+        self.coordinate_token_start_id = coordinate_token_start_id
+        self.num_coordinate_bins = num_coordinate_bins
+        if grounding_loss_weighting not in ("original", "per_box"):
+            raise ValueError(
+                f"`grounding_loss_weighting` must be 'original' or 'per_box', got {grounding_loss_weighting!r}."
+            )
+        self.grounding_loss_weighting = grounding_loss_weighting
 
         text = self.text_config
         if text.num_hidden_layers < 1:

@@ -190,7 +190,9 @@ class MPLUGPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        if isinstance(module, CLIPVisionEmbeddings):
+        if isinstance(module, MPLUGForRetrieval):
+            init.constant_(module.temp, self.config.itc_temperature)
+        elif isinstance(module, CLIPVisionEmbeddings):
             init.normal_(module.class_embedding, mean=0.0, std=module.embed_dim**-0.5)
             init.copy_(module.position_ids, torch.arange(module.num_positions).expand((1, -1)))
         elif isinstance(module, BertEmbeddings):
@@ -871,6 +873,630 @@ class MPLUGForCaptioning(MPLUGDecoderHeadMixin, MPLUGPreTrainedModel, Generation
         return self._generate_from_memory(memory, memory_mask, input_ids, generation_config, generation_kwargs)
 
 
+@dataclass
+class MPLUGRetrievalOutput(ModelOutput):
+    r"""
+    Output of [`MPLUGForRetrieval`]'s training forward.
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`): `loss_itc + loss_itm`.
+        loss_itc (`torch.FloatTensor` of shape `()`): image-text contrastive loss.
+        loss_itm (`torch.FloatTensor` of shape `()`): image-text matching loss over 1 positive + 2 hard negatives.
+        image_features, text_features (`torch.FloatTensor` of shape `(batch_size, projection_dim)`):
+            L2-normalised ITC features.
+        similarity_i2t, similarity_t2i (`torch.FloatTensor` of shape `(batch_size, batch_size + queue_size)`):
+            Temperature-scaled similarities used by the ITC loss.
+        itm_logits (`torch.FloatTensor` of shape `(3 * batch_size, 2)`): ITM logits of [positives; negatives].
+        negative_image_indices (`torch.LongTensor` of shape `(batch_size,)`): hard-negative image of each text.
+        negative_text_indices (`torch.LongTensor` of shape `(batch_size,)`): hard-negative text of each image.
+    """
+
+    loss: torch.FloatTensor | None = None
+    loss_itc: torch.FloatTensor | None = None
+    loss_itm: torch.FloatTensor | None = None
+    image_features: torch.FloatTensor | None = None
+    text_features: torch.FloatTensor | None = None
+    similarity_i2t: torch.FloatTensor | None = None
+    similarity_t2i: torch.FloatTensor | None = None
+    itm_logits: torch.FloatTensor | None = None
+    negative_image_indices: torch.LongTensor | None = None
+    negative_text_indices: torch.LongTensor | None = None
+
+
+@dataclass
+class MPLUGCorpusRetrievalOutput(ModelOutput):
+    r"""
+    Output of [`MPLUGForRetrieval.retrieve`].
+
+    Args:
+        similarity (`torch.FloatTensor` of shape `(num_images, num_texts)`): ITC cosine similarities.
+        image_to_text_indices (`torch.LongTensor` of shape `(num_images, k)`): texts per image, best first.
+        image_to_text_scores (`torch.FloatTensor` of shape `(num_images, k)`): their final scores.
+        text_to_image_indices (`torch.LongTensor` of shape `(num_texts, k)`): images per text, best first.
+        text_to_image_scores (`torch.FloatTensor` of shape `(num_texts, k)`): their final scores.
+    """
+
+    similarity: torch.FloatTensor | None = None
+    image_to_text_indices: torch.LongTensor | None = None
+    image_to_text_scores: torch.FloatTensor | None = None
+    text_to_image_indices: torch.LongTensor | None = None
+    text_to_image_scores: torch.FloatTensor | None = None
+
+
+class MPLUGForRetrieval(MPLUGPreTrainedModel):
+    r"""
+    mPLUG for image-text retrieval: ITC features (`vision_proj` on the image `[CLS]`, `text_proj` on the
+    text-encoder `[CLS]`, L2-normalised, learnable temperature) and an ITM head on the fused text `[CLS]`.
+
+    - `get_image_features` / `get_text_features`: ITC features (normalised by default).
+    - `match_pairs`: ITM logits of given image-text pairs (`[:, 1]` = "match").
+    - `forward(...)`: training losses (ITC with optional queue / momentum features; ITM with hard negatives drawn
+      from the softmaxed similarities).
+    - `retrieve(...)`: corpus retrieval in both directions, ITC top-k re-ranked by ITM, in batches.
+
+    Example:
+        >>> import torch
+        >>> from transformers_mplug import MPLUGConfig, MPLUGForRetrieval
+        >>> config = MPLUGConfig(
+        ...     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        ...                        image_size=32, patch_size=16),
+        ...     text_config=dict(vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        ...                      intermediate_size=64),
+        ...     num_cross_modal_layers=2, num_decoder_layers=1, projection_dim=16, bos_token_id=101, eos_token_id=102,
+        ... )
+        >>> model = MPLUGForRetrieval(config).eval()
+        >>> images, texts = torch.randn(3, 3, 32, 32), torch.randint(3, 100, (4, 5))
+        >>> model.get_image_features(pixel_values=images).shape
+        torch.Size([3, 16])
+        >>> result = model.retrieve(pixel_values=images, input_ids=texts, k=2)
+        >>> result.image_to_text_indices.shape, result.text_to_image_indices.shape
+        (torch.Size([3, 2]), torch.Size([4, 2]))
+    """
+
+    def __init__(self, config: MPLUGConfig) -> None:
+        super().__init__(config)
+        self.mplug = MPLUGModel(config)
+        hidden = config.hidden_size
+        self.vision_proj = nn.Linear(hidden, config.projection_dim)
+        self.text_proj = nn.Linear(hidden, config.projection_dim)
+        self.itm_head = nn.Linear(hidden, 2)
+        self.temp = nn.Parameter(torch.tensor(config.itc_temperature))
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.mplug.get_input_embeddings()
+
+    # ------------------------------------------------------------------------------------------- features
+    def _image_embeds(self, pixel_values, image_embeds) -> torch.Tensor:
+        if image_embeds is not None:
+            if pixel_values is not None:
+                raise ValueError("Pass either `pixel_values` or `image_embeds`, not both.")
+            return image_embeds
+        if pixel_values is None:
+            raise ValueError("Pass `pixel_values` (or precomputed `image_embeds`).")
+        return self.mplug.encode_image(pixel_values)[1]
+
+    def get_image_features(
+        self, pixel_values: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None, normalize: bool = True
+    ) -> torch.Tensor:
+        """ITC image features `(B, projection_dim)`: `vision_proj` of the image `[CLS]`, L2-normalised unless
+        `normalize=False`. Videos `(B, T, C, H, W)` use the first frame's `[CLS]`, as the original."""
+        features = self.vision_proj(self._image_embeds(pixel_values, image_embeds)[:, 0])
+        return nn.functional.normalize(features, dim=-1) if normalize else features
+
+    def get_text_features(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        text_embeds: torch.Tensor | None = None,
+        normalize: bool = True,
+    ) -> torch.Tensor:
+        """ITC text features `(B, projection_dim)`: `text_proj` of the text-encoder `[CLS]`, L2-normalised unless
+        `normalize=False`."""
+        if text_embeds is None:
+            if input_ids is None:
+                raise ValueError("Pass `input_ids` (or precomputed `text_embeds`).")
+            text_embeds = self.mplug.encode_text(input_ids, attention_mask)
+        features = self.text_proj(text_embeds[:, 0])
+        return nn.functional.normalize(features, dim=-1) if normalize else features
+
+    def _itm_logits(
+        self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        _, fused_text = self.mplug.cross_modal_encoder(image_embeds, text_embeds, attention_mask)
+        return self.itm_head(fused_text[:, 0])
+
+    def match_pairs(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """ITM logits `(B, 2)` of the pairs (image `b`, text `b`); `[:, 1]` is the match logit, the original's
+        retrieval score; `.softmax(-1)[:, 1]` a match probability."""
+        out = self.mplug(
+            pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, image_embeds=image_embeds
+        )
+        return self.itm_head(out.fused_text_embeds[:, 0])
+
+    # ------------------------------------------------------------------------------------------- losses
+    def itc_loss(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        idx: torch.Tensor | None = None,
+        image_features_m: torch.Tensor | None = None,
+        text_features_m: torch.Tensor | None = None,
+        image_queue: torch.Tensor | None = None,
+        text_queue: torch.Tensor | None = None,
+        idx_queue: torch.Tensor | None = None,
+        alpha: float = 0.0,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        r"""
+        Image-text contrastive loss as the original: similarities of the (normalised) features against the batch
+        keys + queue, divided by the temperature; targets = texts/images with the same `idx` (uniform), mixed with
+        the momentum model's softmaxed similarities by `alpha` when momentum features are given.
+
+        Args:
+            image_features, text_features: `(B, D)` normalised features (`get_*_features`).
+            idx: `(B,)` image ids (equal ids are positives); default: each pair is its own id.
+            image_features_m, text_features_m: `(B, D)` momentum-model features used as the batch keys (default:
+                the features themselves, detached from nothing).
+            image_queue, text_queue: `(D, Q)` queued keys; idx_queue: `(1, Q)` their ids (-100 = empty).
+            alpha: weight of the momentum distillation targets.
+
+        Returns `(loss, similarity_i2t, similarity_t2i)`.
+        """
+        batch_size = image_features.shape[0]
+        if text_features.shape[0] != batch_size:
+            raise ValueError("`image_features` and `text_features` must have the same batch size.")
+        if idx is None:
+            idx = torch.arange(batch_size, device=image_features.device)
+        idx = idx.view(-1, 1)
+        if (image_queue is None) != (text_queue is None):
+            raise ValueError("Pass both `image_queue` and `text_queue`, or neither.")
+        keys_image = image_features if image_features_m is None else image_features_m
+        keys_text = text_features if text_features_m is None else text_features_m
+        idx_all = idx.t()
+        image_all, text_all = keys_image.t(), keys_text.t()
+        if image_queue is not None:
+            if idx_queue is None:
+                raise ValueError("`idx_queue` is needed with the queues (use -100 for entries of no image).")
+            image_all = torch.cat([image_all, image_queue.detach()], dim=1)
+            text_all = torch.cat([text_all, text_queue.detach()], dim=1)
+            idx_all = torch.cat([idx_all, idx_queue.view(1, -1).to(idx.device)], dim=1)
+        positives = torch.eq(idx, idx_all).float()
+        targets = positives / positives.sum(1, keepdim=True)
+        temperature = self.temp
+        similarity_i2t = image_features @ text_all / temperature
+        similarity_t2i = text_features @ image_all / temperature
+        targets_i2t = targets_t2i = targets
+        if alpha > 0 and image_features_m is not None and text_features_m is not None:
+            with torch.no_grad():
+                targets_i2t = alpha * (image_features_m @ text_all / temperature).softmax(1) + (1 - alpha) * targets
+                targets_t2i = alpha * (text_features_m @ image_all / temperature).softmax(1) + (1 - alpha) * targets
+        loss_i2t = -(similarity_i2t.log_softmax(1) * targets_i2t).sum(1).mean()
+        loss_t2i = -(similarity_t2i.log_softmax(1) * targets_t2i).sum(1).mean()
+        return (loss_i2t + loss_t2i) / 2, similarity_i2t, similarity_t2i
+
+    def itm_loss(
+        self,
+        image_embeds: torch.Tensor,
+        text_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        similarity_i2t: torch.Tensor,
+        similarity_t2i: torch.Tensor,
+        idx: torch.Tensor | None = None,
+        negative_image_indices: torch.Tensor | None = None,
+        negative_text_indices: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        r"""
+        Image-text matching loss with hard negatives, as the original: for each text a negative image and for each
+        image a negative text are drawn (`torch.multinomial`, global RNG, texts first) from the softmaxed in-batch
+        similarities with same-`idx` pairs excluded; cross-entropy over [B positives; 2B negatives].
+        Pass `negative_*_indices` to use given negatives instead of drawing.
+
+        Returns `(loss, itm_logits, negative_image_indices, negative_text_indices)`.
+        """
+        batch_size = image_embeds.shape[0]
+        if idx is None:
+            idx = torch.arange(batch_size, device=image_embeds.device)
+        idx = idx.view(-1, 1)
+        with torch.no_grad():
+            same = torch.eq(idx, idx.t())
+            weights_i2t = similarity_i2t[:, :batch_size].float().softmax(1).masked_fill(same, 0)
+            weights_t2i = similarity_t2i[:, :batch_size].float().softmax(1).masked_fill(same, 0)
+            if bool((weights_i2t.sum(1) == 0).any()) and (
+                negative_image_indices is None or negative_text_indices is None
+            ):
+                raise ValueError("Every sample shares its `idx` with the whole batch: no hard negative exists.")
+            if negative_image_indices is None:
+                negative_image_indices = torch.cat([torch.multinomial(w, 1) for w in weights_t2i])
+            if negative_text_indices is None:
+                negative_text_indices = torch.cat([torch.multinomial(w, 1) for w in weights_i2t])
+        negative_image_indices = negative_image_indices.to(image_embeds.device).long()
+        negative_text_indices = negative_text_indices.to(image_embeds.device).long()
+        text_all = torch.cat([text_embeds, text_embeds[negative_text_indices]], dim=0)
+        mask_all = torch.cat([attention_mask, attention_mask[negative_text_indices]], dim=0)
+        image_all = torch.cat([image_embeds[negative_image_indices], image_embeds], dim=0)
+        logits = torch.cat(
+            [
+                self._itm_logits(image_embeds, text_embeds, attention_mask),
+                self._itm_logits(image_all, text_all, mask_all),
+            ]
+        )
+        labels = torch.cat(
+            [torch.ones(batch_size, dtype=torch.long), torch.zeros(2 * batch_size, dtype=torch.long)]
+        ).to(logits.device)
+        return nn.functional.cross_entropy(logits, labels), logits, negative_image_indices, negative_text_indices
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        idx: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+        image_features_m: torch.Tensor | None = None,
+        text_features_m: torch.Tensor | None = None,
+        image_queue: torch.Tensor | None = None,
+        text_queue: torch.Tensor | None = None,
+        idx_queue: torch.Tensor | None = None,
+        alpha: float = 0.0,
+        negative_image_indices: torch.Tensor | None = None,
+        negative_text_indices: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> MPLUGRetrievalOutput | tuple:
+        r"""
+        Training step of the original retrieval fine-tuning: `loss = loss_itc + loss_itm`. See [`itc_loss`] and
+        [`itm_loss`] for `idx`, the momentum/queue arguments and the negatives.
+        """
+        kwargs.pop("token_type_ids", None)
+        if kwargs:
+            raise TypeError(f"{type(self).__name__}.forward() got unexpected keyword argument(s) {sorted(kwargs)}.")
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if input_ids is None:
+            raise ValueError("`input_ids` (the captions from the processor) is required.")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        image_embeds = self._image_embeds(pixel_values, image_embeds)
+        if image_embeds.shape[0] != input_ids.shape[0]:
+            raise ValueError(f"Batch size mismatch: {image_embeds.shape[0]} images but {input_ids.shape[0]} texts.")
+        if input_ids.shape[0] < 2:
+            raise ValueError("Retrieval training needs a batch of at least 2 pairs (hard negatives come from it).")
+        text_embeds = self.mplug.encode_text(input_ids, attention_mask)
+        image_features = self.get_image_features(image_embeds=image_embeds)
+        text_features = self.get_text_features(text_embeds=text_embeds)
+        loss_itc, sim_i2t, sim_t2i = self.itc_loss(
+            image_features,
+            text_features,
+            idx,
+            image_features_m,
+            text_features_m,
+            image_queue,
+            text_queue,
+            idx_queue,
+            alpha,
+        )
+        loss_itm, itm_logits, neg_images, neg_texts = self.itm_loss(
+            image_embeds,
+            text_embeds,
+            attention_mask,
+            sim_i2t,
+            sim_t2i,
+            idx,
+            negative_image_indices,
+            negative_text_indices,
+        )
+        output = MPLUGRetrievalOutput(
+            loss=loss_itc + loss_itm,
+            loss_itc=loss_itc,
+            loss_itm=loss_itm,
+            image_features=image_features,
+            text_features=text_features,
+            similarity_i2t=sim_i2t,
+            similarity_t2i=sim_t2i,
+            itm_logits=itm_logits,
+            negative_image_indices=neg_images,
+            negative_text_indices=neg_texts,
+        )
+        return output if return_dict else output.to_tuple()
+
+    # ------------------------------------------------------------------------------------------- corpus retrieval
+    @torch.no_grad()
+    def retrieve(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+        k: int = 256,
+        add_itc_score: bool = False,
+        batch_size: int = 64,
+    ) -> MPLUGCorpusRetrievalOutput:
+        r"""
+        Retrieve in both directions over a gallery of images and texts, as the original evaluation: ITC
+        similarities pick the top `k` candidates per query, which are re-ranked by the ITM match logit (plus the ITC
+        similarity with `add_itc_score=True`, as the original video retrieval). Images, texts and the
+        `(num_images + num_texts) * k` candidate pairs are processed in batches of `batch_size`; no all-pairs
+        fusion pass is made.
+        """
+        if input_ids is None:
+            raise ValueError("`input_ids` (the text gallery) is required.")
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"`k` must be a positive int, got {k!r}.")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}.")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if image_embeds is None:
+            if pixel_values is None:
+                raise ValueError("Pass `pixel_values` (or precomputed `image_embeds`) for the image gallery.")
+            image_embeds = torch.cat(
+                [self.mplug.encode_image(chunk)[1] for chunk in pixel_values.split(batch_size)], dim=0
+            )
+        text_embeds = torch.cat(
+            [
+                self.mplug.encode_text(ids, mask)
+                for ids, mask in zip(input_ids.split(batch_size), attention_mask.split(batch_size))
+            ],
+            dim=0,
+        )
+        attention_mask = attention_mask.to(text_embeds.device)
+        similarity = (
+            self.get_image_features(image_embeds=image_embeds) @ self.get_text_features(text_embeds=text_embeds).t()
+        )
+        num_images, num_texts = similarity.shape
+
+        def rerank(query_count: int, candidates: torch.Tensor, pair_images, pair_texts, itc):
+            scores = torch.empty(candidates.numel(), device=similarity.device, dtype=similarity.dtype)
+            flat_images, flat_texts = pair_images.reshape(-1), pair_texts.reshape(-1)
+            for start in range(0, flat_images.numel(), batch_size):
+                chunk = slice(start, start + batch_size)
+                i, t = flat_images[chunk], flat_texts[chunk]
+                scores[chunk] = self._itm_logits(image_embeds[i], text_embeds[t], attention_mask[t])[:, 1].float()
+            scores = scores.view(query_count, -1)
+            if add_itc_score:
+                scores = scores + itc
+            order = scores.argsort(dim=1, descending=True)
+            return candidates.gather(1, order), scores.gather(1, order)
+
+        k_texts = min(k, num_texts)
+        itc_i2t, cand_texts = similarity.topk(k_texts, dim=1)
+        image_rows = torch.arange(num_images, device=similarity.device)[:, None].expand(-1, k_texts)
+        i2t_indices, i2t_scores = rerank(num_images, cand_texts, image_rows, cand_texts, itc_i2t)
+
+        k_images = min(k, num_images)
+        itc_t2i, cand_images = similarity.t().topk(k_images, dim=1)
+        text_rows = torch.arange(num_texts, device=similarity.device)[:, None].expand(-1, k_images)
+        t2i_indices, t2i_scores = rerank(num_texts, cand_images, cand_images, text_rows, itc_t2i)
+        return MPLUGCorpusRetrievalOutput(
+            similarity=similarity,
+            image_to_text_indices=i2t_indices,
+            image_to_text_scores=i2t_scores,
+            text_to_image_indices=t2i_indices,
+            text_to_image_scores=t2i_scores,
+        )
+
+
+def box_cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
+    """(cx, cy, w, h) -> (x1, y1, x2, y2)."""
+    cx, cy, w, h = boxes.unbind(-1)
+    return torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)
+
+
+def generalized_box_iou_pairs(boxes1: torch.Tensor, boxes2: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """GIoU of matching rows of two `(N, 4)` xyxy box sets (the original's formula, with its 1e-5 guards)."""
+    area1 = (boxes1[:, 2] - boxes1[:, 0]) * (boxes1[:, 3] - boxes1[:, 1])
+    area2 = (boxes2[:, 2] - boxes2[:, 0]) * (boxes2[:, 3] - boxes2[:, 1])
+    inter_wh = (torch.min(boxes1[:, 2:], boxes2[:, 2:]) - torch.max(boxes1[:, :2], boxes2[:, :2])).clamp(min=0)
+    inter = inter_wh[:, 0] * inter_wh[:, 1]
+    union = area1 + area2 - inter
+    iou = inter / (union + eps)
+    hull_wh = (torch.max(boxes1[:, 2:], boxes2[:, 2:]) - torch.min(boxes1[:, :2], boxes2[:, :2])).clamp(min=0)
+    hull = hull_wh[:, 0] * hull_wh[:, 1]
+    return iou - (hull - union) / (hull + eps)
+
+
+@dataclass
+class MPLUGGroundingOutput(ModelOutput):
+    r"""
+    Output of [`MPLUGForGrounding`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*): the original weighted token loss (training forward).
+        logits (`torch.FloatTensor` of shape `(batch_size, steps, vocab_size)`):
+            Decoder scores with every non-coordinate id masked (-10000 added). Training forward: all 5 positions of
+            `[prefix, 4 target tokens]`; prediction: the logits of each of the 4 decoding steps.
+        pred_boxes (`torch.FloatTensor` of shape `(batch_size, 4)`): normalised `(cx, cy, w, h)` on the padded square.
+        pred_tokens (`torch.LongTensor` of shape `(batch_size, 4)`): the chosen coordinate tokens.
+        scores (`torch.FloatTensor` of shape `(batch_size,)`, *optional*):
+            Joint probability of the 4 chosen tokens (prediction only).
+        token_loss (`torch.FloatTensor` of shape `(batch_size, 4)`, *optional*): unweighted token cross-entropy.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    pred_boxes: torch.FloatTensor | None = None
+    pred_tokens: torch.LongTensor | None = None
+    scores: torch.FloatTensor | None = None
+    token_loss: torch.FloatTensor | None = None
+
+
+class MPLUGForGrounding(MPLUGDecoderHeadMixin, MPLUGPreTrainedModel):
+    r"""
+    mPLUG for visual grounding (referring expressions): the decoder over `concat(V', T')` writes 4 coordinate tokens
+    `(cx, cy, w, h)` after a prefix token, with every non-coordinate logit masked. A coordinate `v` in [0, 1] is bin
+    `floor(v * (num_coordinate_bins - 1))`, token `coordinate_token_start_id + bin` (337 bins, `[unused340]`...).
+
+    - `forward(..., boxes=...)`: the original training loss: token cross-entropy weighted by the clamped L1 error and
+      by `1 - GIoU` of the teacher-forced argmax box. `config.grounding_loss_weighting="original"` (default) keeps the
+      original's batch broadcast (every sample's loss times every sample's weights, averaged); `"per_box"` weights
+      each box's tokens by its own errors.
+    - `predict_boxes(...)`: 4 greedy constrained steps (KV cache); boxes normalised to the padded square image
+      (`processor.post_process_grounding` turns them into pixels).
+
+    Example:
+        >>> import torch
+        >>> from transformers_mplug import MPLUGConfig, MPLUGForGrounding
+        >>> config = MPLUGConfig(
+        ...     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        ...                        image_size=32, patch_size=16),
+        ...     text_config=dict(vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        ...                      intermediate_size=64),
+        ...     num_cross_modal_layers=2, num_decoder_layers=1, bos_token_id=1, eos_token_id=2,
+        ...     grounding_prefix_token_id=10, coordinate_token_start_id=11, num_coordinate_bins=17,
+        ... )
+        >>> model = MPLUGForGrounding(config).eval()
+        >>> out = model.predict_boxes(pixel_values=torch.randn(1, 3, 32, 32), input_ids=torch.tensor([[1, 5, 6, 2]]))
+        >>> out.pred_boxes.shape, bool(((out.pred_tokens >= 11) & (out.pred_tokens < 28)).all())
+        (torch.Size([1, 4]), True)
+    """
+
+    _tied_weights_keys = MPLUGForQuestionAnswering._tied_weights_keys
+
+    def __init__(self, config: MPLUGConfig) -> None:
+        super().__init__(config)
+        vocab = config.vocab_size
+        start, bins, prefix = (
+            config.coordinate_token_start_id,
+            config.num_coordinate_bins,
+            config.grounding_prefix_token_id,
+        )
+        if not (0 <= prefix < vocab and 0 <= start and start + bins <= vocab):
+            raise ValueError(
+                f"Grounding tokens out of the vocabulary ({vocab}): prefix {prefix}, coordinate ids "
+                f"[{start}, {start + bins}); set `grounding_prefix_token_id` / `coordinate_token_start_id` / "
+                "`num_coordinate_bins`."
+            )
+        if start <= prefix < start + bins:
+            raise ValueError("`grounding_prefix_token_id` must not be a coordinate token.")
+        self.mplug = MPLUGModel(config)
+        self.text_decoder = BertLMHeadModel(config.decoder_config())
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.text_decoder.get_input_embeddings()
+
+    def _coordinate_mask(self, logits: torch.Tensor) -> torch.Tensor:
+        mask = torch.full((logits.shape[-1],), -10000.0, dtype=logits.dtype, device=logits.device)
+        start = self.config.coordinate_token_start_id
+        mask[start : start + self.config.num_coordinate_bins] = 0.0
+        return mask
+
+    def boxes_to_tokens(self, boxes: torch.Tensor) -> torch.Tensor:
+        """Normalised `(cx, cy, w, h)` -> coordinate token ids (`floor(clamp(v, 0, 1) * (bins - 1)) + start`)."""
+        scale = self.config.num_coordinate_bins - 1
+        return (boxes.clamp(0, 1) * scale).floor().long() + self.config.coordinate_token_start_id
+
+    def tokens_to_boxes(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Coordinate token ids -> normalised `(cx, cy, w, h)`."""
+        return (tokens - self.config.coordinate_token_start_id).float() / (self.config.num_coordinate_bins - 1)
+
+    def _memory(self, pixel_values, input_ids, attention_mask, image_embeds):
+        out = self.mplug(
+            pixel_values=pixel_values,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            image_embeds=image_embeds,
+            return_dict=True,
+        )
+        return out.last_hidden_state, out.memory_attention_mask
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        boxes: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> MPLUGGroundingOutput | tuple:
+        r"""
+        Args:
+            pixel_values, input_ids, attention_mask, image_embeds: image and phrase (grounding phrases are encoded
+                `[CLS] phrase [SEP]` as the original dataset code does: `processor.encode_phrases`).
+            boxes (`torch.FloatTensor` of shape `(batch_size, 4)`): target `(cx, cy, w, h)` normalised to the padded
+                square image. With boxes: teacher-forced loss; without: same as [`predict_boxes`].
+        """
+        kwargs.pop("token_type_ids", None)
+        if kwargs:
+            raise TypeError(f"{type(self).__name__}.forward() got unexpected keyword argument(s) {sorted(kwargs)}.")
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if boxes is None:
+            output = self.predict_boxes(pixel_values, input_ids, attention_mask, image_embeds)
+            return output if return_dict else output.to_tuple()
+        memory, memory_mask = self._memory(pixel_values, input_ids, attention_mask, image_embeds)
+        batch_size = memory.shape[0]
+        boxes = torch.as_tensor(boxes, dtype=memory.dtype, device=memory.device)
+        if boxes.shape != (batch_size, 4):
+            raise ValueError(f"`boxes` must have shape ({batch_size}, 4) (cx, cy, w, h), got {tuple(boxes.shape)}.")
+        prefix = torch.full((batch_size, 1), self.config.grounding_prefix_token_id, device=memory.device)
+        decoder_ids = torch.cat([prefix, self.boxes_to_tokens(boxes)], dim=1)
+        logits = self._decode(decoder_ids, torch.ones_like(decoder_ids), memory, memory_mask)
+        logits = logits + self._coordinate_mask(logits)
+        token_loss = nn.functional.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.shape[-1]), decoder_ids[:, 1:].reshape(-1), reduction="none"
+        ).view(batch_size, 4)
+        with torch.no_grad():
+            pred_tokens = logits[:, :-1].argmax(-1)
+            pred_boxes = self.tokens_to_boxes(pred_tokens)
+            weight_l1 = (pred_boxes - boxes).abs().clamp(0, 5)
+            weight_giou = 1 - generalized_box_iou_pairs(box_cxcywh_to_xyxy(pred_boxes), box_cxcywh_to_xyxy(boxes))
+        if self.config.grounding_loss_weighting == "original":
+            # the original multiplies a (B, 1, 4) loss by (B, 4) and (B, 1) weights: a (B, B, 4) broadcast that pairs
+            # every sample's token loss with every sample's weights; kept for parity with released training runs
+            loss = (token_loss[:, None, :] * (weight_l1 * weight_giou[:, None])[None, :, :]).mean()
+        else:
+            loss = (token_loss * weight_l1 * weight_giou[:, None]).mean()
+        output = MPLUGGroundingOutput(
+            loss=loss, logits=logits, pred_boxes=pred_boxes, pred_tokens=pred_tokens, token_loss=token_loss
+        )
+        return output if return_dict else output.to_tuple()
+
+    @torch.no_grad()
+    def predict_boxes(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+    ) -> MPLUGGroundingOutput:
+        """Predict one box per (image, phrase): 4 greedy steps over the coordinate tokens, with a KV cache."""
+        if input_ids is None:
+            raise ValueError("`input_ids` (the phrase ids) is required.")
+        memory, memory_mask = self._memory(pixel_values, input_ids, attention_mask, image_embeds)
+        batch_size = memory.shape[0]
+        tokens = torch.full((batch_size, 1), self.config.grounding_prefix_token_id, device=memory.device)
+        cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        step_logits, step_probs, step_input = [], [], tokens
+        for _ in range(4):
+            logits = self.text_decoder(
+                input_ids=step_input,
+                attention_mask=torch.ones_like(tokens),
+                encoder_hidden_states=memory,
+                encoder_attention_mask=memory_mask,
+                use_cache=True,
+                return_dict=True,
+                **{_CACHE_ARGUMENT: cache},
+            ).logits[:, -1]
+            logits = logits + self._coordinate_mask(logits)
+            step_input = logits.argmax(-1, keepdim=True)
+            step_probs.append(logits.float().softmax(-1).gather(1, step_input)[:, 0])
+            step_logits.append(logits)
+            tokens = torch.cat([tokens, step_input], dim=1)
+        pred_tokens = tokens[:, 1:]
+        return MPLUGGroundingOutput(
+            logits=torch.stack(step_logits, 1),
+            pred_boxes=self.tokens_to_boxes(pred_tokens),
+            pred_tokens=pred_tokens,
+            scores=torch.stack(step_probs, 1).prod(1),
+        )
+
+
 __all__ = [
     "MPLUGModel",
     "MPLUGPreTrainedModel",
@@ -879,4 +1505,9 @@ __all__ = [
     "MPLUGForCaptioning",
     "MPLUGDecoderOutput",
     "MPLUGAnswerRankingOutput",
+    "MPLUGForRetrieval",
+    "MPLUGRetrievalOutput",
+    "MPLUGCorpusRetrievalOutput",
+    "MPLUGForGrounding",
+    "MPLUGGroundingOutput",
 ]

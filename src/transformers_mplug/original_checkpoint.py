@@ -140,7 +140,13 @@ def config_from_original(
         "initializer_range": bert_config.get("initializer_range", 0.02),
     }
     schedule = cross_modal_schedule(int(bert_config.get("fusion_layers", 6)), int(bert_config.get("stride_layer", 3)))
+    extra = {}
+    if "vision_proj.weight" in state_dict:
+        extra["projection_dim"] = int(state_dict["vision_proj.weight"].shape[0])
+    if "temp" in state_dict:
+        extra["itc_temperature"] = float(state_dict["temp"])
     return MPLUGConfig(
+        **extra,
         vision_config=vision_config_from_state_dict(state_dict, image_size),
         text_config=text,
         cross_modal_layer_types=schedule,
@@ -192,7 +198,7 @@ def map_original_trunk_state_dict(
         )
     for raw_key, value in state_dict.items():
         key = normalise_original_key(raw_key)
-        if _QUEUES.match(key) or _MOMENTUM.match(key) or key == "temp":
+        if _QUEUES.match(key) or _MOMENTUM.match(key):
             result.drop("training-only state (momentum copies, queues)", raw_key)
         elif key.startswith(_VISUAL):
             rest = key[len(_VISUAL) :]
@@ -244,13 +250,15 @@ def map_original_trunk_state_dict(
 
 
 TASKS = ("trunk", "vqa", "caption", "retrieval", "grounding")
+_RETRIEVAL_KEYS = ("temp", "vision_proj", "text_proj", "itm_head")
 
 
 def map_original_state_dict(
     state_dict: Mapping[str, torch.Tensor], config: MPLUGConfig, task: str
 ) -> OriginalKeyMapping:
     """Map an original task state dict onto our class for `task`: `"trunk"` ([`MPLUGModel`]), `"vqa"`
-    ([`MPLUGForQuestionAnswering`]) or `"caption"` ([`MPLUGForCaptioning`])."""
+    ([`MPLUGForQuestionAnswering`]), `"caption"` ([`MPLUGForCaptioning`]), `"retrieval"` ([`MPLUGForRetrieval`])
+    or `"grounding"` ([`MPLUGForGrounding`])."""
     if task not in TASKS:
         raise ValueError(f"`task` must be one of {TASKS}, got {task!r}.")
     if task == "trunk":
@@ -260,7 +268,14 @@ def map_original_state_dict(
     for raw_key in unmapped:
         key = normalise_original_key(raw_key)
         value = state_dict[raw_key]
-        if task in ("vqa", "caption", "grounding") and key.startswith("text_decoder."):
+        if key in _RETRIEVAL_KEYS or key.startswith(tuple(k + "." for k in _RETRIEVAL_KEYS)):
+            if task == "retrieval":
+                mapping.state_dict[key] = value
+            else:
+                mapping.drop("retrieval projections (unused by this task)", raw_key)
+        elif task == "grounding" and key in ("prefix_ids", "target_ids", "bbox_prob_mask"):
+            mapping.drop("grounding token buffers (rebuilt from the config)", raw_key)
+        elif task in ("vqa", "caption", "grounding") and key.startswith("text_decoder."):
             rest = key[len("text_decoder.") :]
             if _REBUILT_BUFFERS.search(rest):
                 mapping.drop("buffers rebuilt by transformers", raw_key)
