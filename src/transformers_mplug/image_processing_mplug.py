@@ -19,6 +19,9 @@ logger = logging.get_logger(__name__)
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# the original grounding evaluation transform normalises with torchvision's ImageNet defaults
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _RESAMPLE = {
     "nearest": PIL.Image.Resampling.NEAREST,
@@ -90,6 +93,8 @@ class MPLUGImageProcessor(BaseImageProcessor):
         do_resize, do_rescale, do_normalize (`bool`): switch each step.
         rescale_factor (`float`, *optional*, defaults to 1/255).
         image_mean, image_std (`list[float]`): normalisation statistics (OpenAI CLIP's by default).
+        grounding_image_mean, grounding_image_std (`list[float]`): those of [`~MPLUGImageProcessor.preprocess_grounding`]
+            (ImageNet's, as the original grounding evaluation).
 
     Example:
         >>> from PIL import Image
@@ -111,6 +116,8 @@ class MPLUGImageProcessor(BaseImageProcessor):
         do_normalize: bool = True,
         image_mean: Sequence[float] = OPENAI_CLIP_MEAN,
         image_std: Sequence[float] = OPENAI_CLIP_STD,
+        grounding_image_mean: Sequence[float] = IMAGENET_MEAN,
+        grounding_image_std: Sequence[float] = IMAGENET_STD,
         **kwargs: Any,
     ) -> None:
         for metadata in ("image_processor_type", "processor_class", "_processor_class", "auto_map"):
@@ -133,6 +140,8 @@ class MPLUGImageProcessor(BaseImageProcessor):
         self.do_normalize = do_normalize
         self.image_mean = list(image_mean)
         self.image_std = list(image_std)
+        self.grounding_image_mean = list(grounding_image_mean)
+        self.grounding_image_std = list(grounding_image_std)
 
     def _process_one(self, image: Any, argument: str) -> np.ndarray:
         pil = to_pil_image(image, argument)
@@ -192,6 +201,39 @@ class MPLUGImageProcessor(BaseImageProcessor):
                 )
             pixel_values = np.stack(clips)
         return BatchFeature(data={"pixel_values": pixel_values}, tensor_type=return_tensors)
+
+    def preprocess_grounding(self, images: Any, return_tensors: str | None = "pt") -> BatchFeature:
+        """The original grounding evaluation transform: resize the longest side to `size` (bilinear, sides rounded),
+        normalise, then pad to a `size` x `size` square with the image centred (zeros after normalisation).
+
+        Returns `pixel_values` `(B, 3, S, S)` and `image_geometry` `(B, 5)`: original width, original height, scale,
+        left and top padding, which [`box_pixels_to_normalized`] / [`box_normalized_to_pixels`] use.
+        """
+        batch = [images] if _is_image(images) else images
+        if not isinstance(batch, (list, tuple)) or not batch:
+            raise ValueError("`images` must be an image or a non-empty list of images.")
+        side = self.size["height"]
+        if self.size["width"] != side:
+            raise ValueError(f"Grounding needs a square `size`, got {self.size}.")
+        mean = np.asarray(self.grounding_image_mean, np.float32)
+        std = np.asarray(self.grounding_image_std, np.float32)
+        pixel_values, geometry = [], []
+        for image in batch:
+            pil = to_pil_image(image, "images")
+            width, height = pil.size
+            scale = side / max(width, height)
+            new_w, new_h = round(width * scale), round(height * scale)
+            resized = np.asarray(pil.resize((new_w, new_h), resample=PIL.Image.Resampling.BILINEAR), np.float32)
+            resized = (resized / 255.0 - mean) / std
+            left, top = round((side - new_w) / 2 - 0.1), round((side - new_h) / 2 - 0.1)
+            canvas = np.zeros((side, side, 3), np.float32)
+            canvas[top : top + new_h, left : left + new_w] = resized
+            pixel_values.append(canvas.transpose(2, 0, 1))
+            geometry.append([width, height, scale, left, top])
+        return BatchFeature(
+            data={"pixel_values": np.stack(pixel_values), "image_geometry": np.asarray(geometry, np.float32)},
+            tensor_type=return_tensors,
+        )
 
     def __call__(self, images: Any = None, **kwargs: Any) -> BatchFeature:
         return self.preprocess(images, **kwargs)

@@ -52,12 +52,23 @@ class MPLUGProcessor(ProcessorMixin):
 
     attributes = ["image_processor", "tokenizer"]
 
-    def __init__(self, image_processor: MPLUGImageProcessor, tokenizer: BertTokenizer, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        image_processor: MPLUGImageProcessor,
+        tokenizer: BertTokenizer,
+        coordinate_start_token: str = "[unused340]",
+        num_coordinate_bins: int = 337,
+        **kwargs: Any,
+    ) -> None:
         # (checked by base class, not identity: remote-code folders load the class from a copied module)
         if not isinstance(image_processor, ImageProcessingMixin):
             raise TypeError(f"`image_processor` must be an MPLUGImageProcessor, got {type(image_processor).__name__}.")
         if tokenizer is None or tokenizer.cls_token_id is None or tokenizer.sep_token_id is None:
             raise TypeError("`tokenizer` must be a BERT WordPiece tokenizer with [CLS] and [SEP] tokens.")
+        if not isinstance(num_coordinate_bins, int) or num_coordinate_bins < 2:
+            raise ValueError(f"`num_coordinate_bins` must be an int >= 2, got {num_coordinate_bins!r}.")
+        self.coordinate_start_token = coordinate_start_token
+        self.num_coordinate_bins = num_coordinate_bins
         super().__init__(image_processor, tokenizer, **kwargs)
 
     @classmethod
@@ -208,6 +219,98 @@ class MPLUGProcessor(ProcessorMixin):
             max_length=max_length,
             return_tensors=return_tensors,
         )
+
+    # -------------------------------------------------------------------------------------------- grounding
+    @property
+    def coordinate_token_start_id(self) -> int:
+        """Id of coordinate bin 0 (`[unused340]` = 345 in bert-base-uncased)."""
+        token_id = self.tokenizer.convert_tokens_to_ids(self.coordinate_start_token)
+        if token_id is None or token_id == self.tokenizer.unk_token_id:
+            raise ValueError(f"`coordinate_start_token` {self.coordinate_start_token!r} is not in the vocabulary.")
+        return token_id
+
+    def encode_phrases(
+        self, phrases: str | Sequence[str], max_length: int | None = None, return_tensors: str | None = "pt"
+    ) -> BatchFeature:
+        """Grounding phrases as the original dataset code builds them: `[CLS] pieces [SEP]` (with `[SEP]`), pieces
+        cut to `max_length - 2`, padded to `max_length` (or to the longest phrase)."""
+        texts = self._as_text_list(phrases, "phrases")
+        if max_length is not None and max_length < 3:
+            raise ValueError(f"`max_length` must be >= 3 (room for [CLS], a piece and [SEP]), got {max_length}.")
+        pieces = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        if max_length is not None:
+            pieces = [p[: max_length - 2] for p in pieces]
+        ids = [[self.tokenizer.cls_token_id, *p, self.tokenizer.sep_token_id] for p in pieces]
+        return self._pad(ids, "max_length" if max_length else "longest", max_length, return_tensors)
+
+    def prepare_grounding(
+        self,
+        images: Any,
+        phrases: str | Sequence[str],
+        boxes: Any = None,
+        max_length: int | None = None,
+        return_tensors: str | None = "pt",
+    ) -> BatchFeature:
+        """Inputs of [`MPLUGForGrounding`]: letterboxed images (see `MPLUGImageProcessor.preprocess_grounding`),
+        phrases (`encode_phrases`), and, when `boxes` (pixel `(x1, y1, x2, y2)` in the original images) are given,
+        the normalised `(cx, cy, w, h)` targets as `boxes`. `image_geometry` maps predictions back to pixels."""
+        visual = self.image_processor.preprocess_grounding(images, return_tensors="pt")
+        text = self.encode_phrases(phrases, max_length, return_tensors="pt")
+        if len(text["input_ids"]) != len(visual["pixel_values"]):
+            raise ValueError(
+                f"Batch size mismatch: {len(visual['pixel_values'])} image(s) but {len(text['input_ids'])} phrase(s)."
+            )
+        data = {**visual, **text}
+        if boxes is not None:
+            data["boxes"] = self.box_pixels_to_normalized(boxes, visual["image_geometry"])
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def box_pixels_to_normalized(self, boxes: Any, image_geometry: torch.Tensor) -> torch.Tensor:
+        """Pixel `(x1, y1, x2, y2)` in the original images -> `(cx, cy, w, h)` normalised to the padded square."""
+        boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+        geometry = torch.as_tensor(image_geometry, dtype=torch.float32).reshape(-1, 5)
+        if boxes.shape[0] != geometry.shape[0]:
+            raise ValueError(f"`boxes` has {boxes.shape[0]} boxes for {geometry.shape[0]} images.")
+        if bool((boxes[:, 2:] < boxes[:, :2]).any()):
+            raise ValueError("`boxes` must be (x1, y1, x2, y2) with x2 >= x1 and y2 >= y1.")
+        scale, offset = geometry[:, 2:3], geometry[:, 3:5].repeat(1, 2)
+        side = float(self.image_processor.size["height"])
+        xyxy = (boxes * scale + offset) / side
+        return torch.stack(
+            [(xyxy[:, 0] + xyxy[:, 2]) / 2, (xyxy[:, 1] + xyxy[:, 3]) / 2, xyxy[:, 2] - xyxy[:, 0], xyxy[:, 3] - xyxy[:, 1]],
+            dim=-1,
+        )
+
+    def box_normalized_to_pixels(self, boxes: torch.Tensor, image_geometry: torch.Tensor) -> torch.Tensor:
+        """Normalised `(cx, cy, w, h)` on the padded square -> pixel `(x1, y1, x2, y2)` in the original images,
+        clipped to the image."""
+        boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+        geometry = torch.as_tensor(image_geometry, dtype=torch.float32).reshape(-1, 5)
+        side = float(self.image_processor.size["height"])
+        cx, cy, w, h = (boxes * side).unbind(-1)
+        xyxy = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
+        xyxy = (xyxy - geometry[:, 3:5].repeat(1, 2)) / geometry[:, 2:3]
+        limits = geometry[:, :2].repeat(1, 2)
+        return torch.minimum(xyxy.clamp(min=0), limits)
+
+    def boxes_to_tokens(self, boxes: torch.Tensor) -> torch.Tensor:
+        """Normalised `(cx, cy, w, h)` -> coordinate token ids `floor(clamp(v, 0, 1) * (bins - 1)) + start`."""
+        boxes = torch.as_tensor(boxes, dtype=torch.float32)
+        return (boxes.clamp(0, 1) * (self.num_coordinate_bins - 1)).floor().long() + self.coordinate_token_start_id
+
+    def tokens_to_boxes(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Coordinate token ids -> normalised `(cx, cy, w, h)`."""
+        tokens = torch.as_tensor(tokens)
+        bins = tokens - self.coordinate_token_start_id
+        if bool((bins < 0).any()) or bool((bins >= self.num_coordinate_bins).any()):
+            raise ValueError("`tokens` contains ids that are not coordinate tokens.")
+        return bins.float() / (self.num_coordinate_bins - 1)
+
+    def post_process_grounding(self, outputs: Any, image_geometry: torch.Tensor) -> list[dict[str, Any]]:
+        """[`MPLUGForGrounding.predict_boxes`] output -> `[{"box": [x1, y1, x2, y2] pixels, "score": p}, ...]`."""
+        boxes = self.box_normalized_to_pixels(outputs.pred_boxes, image_geometry)
+        scores = outputs.scores if outputs.scores is not None else torch.ones(len(boxes))
+        return [{"box": box.tolist(), "score": float(score)} for box, score in zip(boxes, scores)]
 
     # -------------------------------------------------------------------------------------------- decoding
     def decode(self, token_ids: Any, **kwargs: Any) -> str:
