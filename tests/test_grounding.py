@@ -105,8 +105,9 @@ def test_grounding_token_ids_are_validated():
     with pytest.raises(ValueError, match="vocabulary"):
         MPLUGForGrounding(tiny_config())  # default ids 344.. do not fit a 128-token vocabulary
     with pytest.raises(ValueError, match="prefix"):
-        MPLUGForGrounding(tiny_config(grounding_prefix_token_id=22, coordinate_token_start_id=21,
-                                      num_coordinate_bins=33))
+        MPLUGForGrounding(
+            tiny_config(grounding_prefix_token_id=22, coordinate_token_start_id=21, num_coordinate_bins=33)
+        )
     model = MPLUGForGrounding(config())
     with pytest.raises(ValueError, match="boxes"):
         model(**tiny_inputs(model.config), boxes=torch.zeros(2, 4))
@@ -115,8 +116,9 @@ def test_grounding_token_ids_are_validated():
 # ------------------------------------------------------------------------------------------------ processor
 @pytest.fixture
 def grounding_processor(processor):
-    return MPLUGProcessor(processor.image_processor, processor.tokenizer, coordinate_start_token="[unused20]",
-                          num_coordinate_bins=33)
+    return MPLUGProcessor(
+        processor.image_processor, processor.tokenizer, coordinate_start_token="[unused20]", num_coordinate_bins=33
+    )
 
 
 def test_letterbox_geometry_and_pixel_round_trip(grounding_processor):
@@ -140,7 +142,9 @@ def test_letterbox_geometry_and_pixel_round_trip(grounding_processor):
 
 def test_prepare_grounding_and_post_process(grounding_processor):
     images = [Image.new("RGB", (40, 20)), Image.new("RGB", (16, 32))]
-    batch = grounding_processor.prepare_grounding(images, ["what cat", "the dog"], boxes=[[0, 0, 20, 20], [4, 4, 12, 30]])
+    batch = grounding_processor.prepare_grounding(
+        images, ["what cat", "the dog"], boxes=[[0, 0, 20, 20], [4, 4, 12, 30]]
+    )
     assert batch["pixel_values"].shape == (2, 3, 32, 32) and batch["boxes"].shape == (2, 4)
     ids = batch["input_ids"][0].tolist()
     assert ids[0] == 101 and ids[-1] == 102  # grounding phrases keep [SEP], as the original dataset code

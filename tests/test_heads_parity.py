@@ -169,11 +169,15 @@ def test_retrieval_training_losses_with_recorded_negatives_queue_and_momentum_fe
     train = ref["train"]
     normalize = torch.nn.functional.normalize
     kwargs = dict(
-        pixel_values=inputs["train_image"], input_ids=inputs["train_input_ids"],
-        attention_mask=inputs["train_attention_mask"], idx=inputs["train_idx"],
+        pixel_values=inputs["train_image"],
+        input_ids=inputs["train_input_ids"],
+        attention_mask=inputs["train_attention_mask"],
+        idx=inputs["train_idx"],
         image_features_m=normalize(train["vision_proj_m_cls"], dim=-1),
         text_features_m=normalize(train["text_proj_m_cls"], dim=-1),
-        image_queue=state["image_queue"], text_queue=state["text_queue"], idx_queue=state["idx_queue"],
+        image_queue=state["image_queue"],
+        text_queue=state["text_queue"],
+        idx_queue=state["idx_queue"],
         alpha=inputs["alpha"],
     )
     batch = inputs["train_idx"].numel()
@@ -202,18 +206,26 @@ def test_retrieval_evaluation_rankings_and_scores(attn_implementation):
     load_original_state_dict(model.eval(), state, "retrieval")
     inputs, ref = load(folder)
     evaluation = ref["evaluation"]
-    result = model.retrieve(pixel_values=inputs["eval_image"], input_ids=inputs["eval_text_input_ids"],
-                            attention_mask=inputs["eval_text_attention_mask"], k=inputs["k_test"], batch_size=2)
+    result = model.retrieve(
+        pixel_values=inputs["eval_image"],
+        input_ids=inputs["eval_text_input_ids"],
+        attention_mask=inputs["eval_text_attention_mask"],
+        k=inputs["k_test"],
+        batch_size=2,
+    )
     torch.testing.assert_close(result.similarity, evaluation["itc_sims_i2t"], **TOL)
     assert torch.equal(result.image_to_text_indices, evaluation["ranking_i2t"])
     assert torch.equal(result.text_to_image_indices, evaluation["ranking_t2i"])
-    torch.testing.assert_close(result.image_to_text_scores,
-                               evaluation["score_matrix_i2t"].gather(1, evaluation["ranking_i2t"]), **TOL)
-    torch.testing.assert_close(result.text_to_image_scores,
-                               evaluation["score_matrix_t2i"].gather(1, evaluation["ranking_t2i"]), **TOL)
+    torch.testing.assert_close(
+        result.image_to_text_scores, evaluation["score_matrix_i2t"].gather(1, evaluation["ranking_i2t"]), **TOL
+    )
+    torch.testing.assert_close(
+        result.text_to_image_scores, evaluation["score_matrix_t2i"].gather(1, evaluation["ranking_t2i"]), **TOL
+    )
     pixels = inputs["eval_image"].repeat_interleave(4, 0)
-    logits = model.match_pairs(pixels, inputs["eval_text_input_ids"].repeat(3, 1),
-                               inputs["eval_text_attention_mask"].repeat(3, 1))
+    logits = model.match_pairs(
+        pixels, inputs["eval_text_input_ids"].repeat(3, 1), inputs["eval_text_attention_mask"].repeat(3, 1)
+    )
     torch.testing.assert_close(logits.view(3, 4, 2), ref["itm_all_pairs"]["logits"], **TOL)
 
 
@@ -232,8 +244,10 @@ def test_grounding_boxes_and_loss(attn_implementation):
         out = model(**kwargs, boxes=inputs["targets_cxcywh"])
     train = ref["train"]
     assert torch.equal(model.boxes_to_tokens(inputs["targets_cxcywh"]), train["target_tokens"])
-    coordinates = slice(model.config.coordinate_token_start_id,
-                        model.config.coordinate_token_start_id + model.config.num_coordinate_bins)
+    coordinates = slice(
+        model.config.coordinate_token_start_id,
+        model.config.coordinate_token_start_id + model.config.num_coordinate_bins,
+    )
     torch.testing.assert_close(out.logits[..., coordinates], train["teacher_forced_logits"][..., coordinates], **TOL)
     torch.testing.assert_close(out.logits, train["teacher_forced_logits"], atol=5e-3, rtol=1e-4)
     torch.testing.assert_close(out.token_loss.flatten(), train["token_loss_unweighted"], **TOL)

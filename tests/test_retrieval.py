@@ -30,8 +30,11 @@ class TestRetrievalCommon(MPLUGModelTesterMixin):
         return inputs
 
     def output_tensors(self, output, inputs):
-        return {"image_features": output.image_features, "text_features": output.text_features,
-                "loss": output.loss[None]}
+        return {
+            "image_features": output.image_features,
+            "text_features": output.text_features,
+            "loss": output.loss[None],
+        }
 
     def loss_fn(self, output):
         return output.loss
@@ -47,8 +50,9 @@ class TestRetrievalCommon(MPLUGModelTesterMixin):
                 keep = int(inputs["attention_mask"][row].sum())
                 ids, mask = inputs["input_ids"][row : row + 1, :keep], inputs["attention_mask"][row : row + 1, :keep]
                 pixels = inputs["pixel_values"][row : row + 1]
-                torch.testing.assert_close(image[row], model.get_image_features(pixel_values=pixels)[0], atol=1e-5,
-                                           rtol=1e-4)
+                torch.testing.assert_close(
+                    image[row], model.get_image_features(pixel_values=pixels)[0], atol=1e-5, rtol=1e-4
+                )
                 torch.testing.assert_close(text[row], model.get_text_features(ids, mask)[0], atol=1e-5, rtol=1e-4)
                 torch.testing.assert_close(pairs[row], model.match_pairs(pixels, ids, mask)[0], atol=1e-5, rtol=1e-4)
 
@@ -77,8 +81,9 @@ def test_itc_loss_with_queue_and_shared_image_ids():
     queue_i = torch.nn.functional.normalize(torch.randn(16, 5), dim=0)
     queue_t = torch.nn.functional.normalize(torch.randn(16, 5), dim=0)
     idx_queue = torch.tensor([[2, -100, 7, 1, -100]])
-    loss, sim_i2t, sim_t2i = model.itc_loss(image, text, idx, image_queue=queue_i, text_queue=queue_t,
-                                            idx_queue=idx_queue)
+    loss, sim_i2t, sim_t2i = model.itc_loss(
+        image, text, idx, image_queue=queue_i, text_queue=queue_t, idx_queue=idx_queue
+    )
     assert sim_i2t.shape == (4, 9)
     ids_all = torch.cat([idx, idx_queue[0]])
     targets = (idx[:, None] == ids_all[None]).float()
@@ -158,7 +163,9 @@ def test_corpus_retrieval_matches_brute_force_itm_and_is_batched(monkeypatch):
         for t in range(6):
             candidates = result.similarity[:, t].topk(3).indices
             logits = model.match_pairs(images[candidates], ids[t : t + 1].expand(3, -1), mask[t : t + 1].expand(3, -1))
-            assert result.text_to_image_indices[t].tolist() == candidates[logits[:, 1].argsort(descending=True)].tolist()
+            assert (
+                result.text_to_image_indices[t].tolist() == candidates[logits[:, 1].argsort(descending=True)].tolist()
+            )
     with_itc = model.retrieve(pixel_values=images, input_ids=ids, attention_mask=mask, k=3, add_itc_score=True)
     top_itc = result.similarity.topk(3, dim=1).values
     assert with_itc.image_to_text_scores.shape == (5, 3)

@@ -18,6 +18,13 @@ from .modeling_mplug import (
     MPLUGModelOutput,
     MPLUGPreTrainedModel,
 )
+from .pipelines import (
+    MPLUGImageCaptioningPipeline,
+    MPLUGVisualGroundingPipeline,
+    MPLUGVisualQuestionAnsweringPipeline,
+    MPLUGZeroShotImageClassificationPipeline,
+    register_pipelines,
+)
 from .processing_mplug import MPLUGProcessor
 
 __version__ = "0.1.0"
@@ -27,6 +34,7 @@ AutoModel.register(MPLUGConfig, MPLUGModel, exist_ok=True)
 AutoImageProcessor.register(MPLUGConfig, slow_image_processor_class=MPLUGImageProcessor, exist_ok=True)
 AutoTokenizer.register(MPLUGConfig, fast_tokenizer_class=BertTokenizer, exist_ok=True)
 AutoProcessor.register(MPLUGConfig, MPLUGProcessor, exist_ok=True)
+register_pipelines()
 
 
 def register_remote_code() -> None:
@@ -46,6 +54,11 @@ def register_remote_code() -> None:
 
 __all__ = [
     "register_remote_code",
+    "register_pipelines",
+    "MPLUGImageCaptioningPipeline",
+    "MPLUGVisualGroundingPipeline",
+    "MPLUGVisualQuestionAnsweringPipeline",
+    "MPLUGZeroShotImageClassificationPipeline",
     "MPLUGAnswerRankingOutput",
     "MPLUGConfig",
     "MPLUGDecoderOutput",

@@ -277,7 +277,12 @@ class MPLUGProcessor(ProcessorMixin):
         side = float(self.image_processor.size["height"])
         xyxy = (boxes * scale + offset) / side
         return torch.stack(
-            [(xyxy[:, 0] + xyxy[:, 2]) / 2, (xyxy[:, 1] + xyxy[:, 3]) / 2, xyxy[:, 2] - xyxy[:, 0], xyxy[:, 3] - xyxy[:, 1]],
+            [
+                (xyxy[:, 0] + xyxy[:, 2]) / 2,
+                (xyxy[:, 1] + xyxy[:, 3]) / 2,
+                xyxy[:, 2] - xyxy[:, 0],
+                xyxy[:, 3] - xyxy[:, 1],
+            ],
             dim=-1,
         )
 

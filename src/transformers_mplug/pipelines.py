@@ -1,0 +1,399 @@
+"""`transformers.pipeline(...)` support for mPLUG models.
+
+Importing `transformers_mplug` registers:
+
+- `"visual-question-answering"` -> [`MPLUGVisualQuestionAnsweringPipeline`]: `[{"answer", "score"}]`. transformers
+  5.3+ removed this task; the package registers it again (and lifts the removal notice for it). For other models on
+  transformers versions that still have the task, the native pipeline is used unchanged.
+- `"image-text-to-text"` (and its alias `"image-to-text"`) -> [`MPLUGImageCaptioningPipeline`] for
+  [`MPLUGForCaptioning`]: `[{"generated_text"}]`, optional text prompt.
+- `"zero-shot-image-classification"` -> [`MPLUGZeroShotImageClassificationPipeline`] for [`MPLUGForRetrieval`]:
+  ITC scores over the candidate labels, optionally re-ranked by ITM.
+- `"visual-grounding"` (new) -> [`MPLUGVisualGroundingPipeline`] for [`MPLUGForGrounding`]: the box of a phrase,
+  in pixels of the original image, with a score.
+
+For existing tasks, the registered class hands any non-mPLUG model to transformers' own pipeline class.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import torch
+from transformers import (
+    AutoModelForImageTextToText,
+    AutoModelForVisualQuestionAnswering,
+    AutoModelForZeroShotImageClassification,
+    Pipeline,
+)
+from transformers.image_utils import load_image
+from transformers.pipelines import PIPELINE_REGISTRY
+from transformers.utils import logging
+
+from .configuration_mplug import MPLUGConfig
+from .modeling_mplug import (
+    MPLUGForCaptioning,
+    MPLUGForGrounding,
+    MPLUGForQuestionAnswering,
+    MPLUGForRetrieval,
+    MPLUGPreTrainedModel,
+)
+from .processing_mplug import MPLUGProcessor
+
+logger = logging.get_logger(__name__)
+
+
+def _native_pipeline_class(task: str) -> type | None:
+    """The pipeline class transformers registers for `task` (None when the task does not exist)."""
+    impl = PIPELINE_REGISTRY.supported_tasks.get(task, {}).get("impl")
+    if isinstance(impl, str):  # newer releases register import paths
+        module, name = impl.rsplit(".", 1)
+        impl = getattr(importlib.import_module(module), name)
+    if isinstance(impl, type) and issubclass(impl, _MPLUGPipelineMixin):
+        return impl._native_class
+    return impl
+
+
+class _MPLUGPipelineMixin:
+    """Dispatch: non-mPLUG models get transformers' own pipeline for the task; mPLUG models get this class."""
+
+    _native_class: type | None = None
+    _model_class: type = MPLUGPreTrainedModel
+    _task_name: str = ""
+
+    def __new__(cls, *args: Any, **kwargs: Any):
+        model = kwargs.get("model", args[0] if args else None)
+        if not isinstance(model, cls._model_class):
+            if isinstance(model, MPLUGPreTrainedModel):
+                raise TypeError(
+                    f"The {cls._task_name!r} pipeline needs a {cls._model_class.__name__}, got {type(model).__name__}."
+                )
+            if cls._native_class is None:
+                raise TypeError(
+                    f"This {cls._task_name!r} pipeline is provided by transformers_mplug for mPLUG models only; "
+                    f"got {type(model).__name__}."
+                )
+            return cls._native_class(*args, **kwargs)
+        return super().__new__(cls)
+
+    def _mplug_processor(self) -> MPLUGProcessor:
+        processor = getattr(self, "processor", None)
+        if processor is not None and hasattr(processor, "encode_text"):
+            return processor
+        tokenizer, image_processor = getattr(self, "tokenizer", None), getattr(self, "image_processor", None)
+        if tokenizer is None or image_processor is None:
+            raise ValueError(
+                "The pipeline needs the model's processor: pass `processor=MPLUGProcessor...` (or `tokenizer=` and "
+                "`image_processor=`), or load the model from a folder saved with its processor."
+            )
+        return MPLUGProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def _as_image(image: Any, timeout: float | None) -> Any:
+    return load_image(image, timeout=timeout) if isinstance(image, str) else image
+
+
+class MPLUGVisualQuestionAnsweringPipeline(_MPLUGPipelineMixin, Pipeline):
+    r"""
+    Visual question answering with [`MPLUGForQuestionAnswering`].
+
+    `vqa(image, question, top_k=1)` -> `[{"answer": str, "score": float}]`: free generation (beam search; `score`
+    is the answer's probability under the model). With `candidate_answers=[...]` the answers are ranked in the
+    closed vocabulary as the original (`k` pre-selected by first-token probability), `score` = the re-ranked
+    probability. Generation arguments (`num_beams`, `max_new_tokens`, ...) pass through.
+    """
+
+    _model_class = MPLUGForQuestionAnswering
+    _task_name = "visual-question-answering"
+    _load_processor = None
+    _load_image_processor = True
+    _load_feature_extractor = False
+    _load_tokenizer = True
+
+    def __call__(self, image: Any, question: str | None = None, **kwargs: Any):
+        if isinstance(image, dict) and question is None:
+            return super().__call__(image, **kwargs)
+        if isinstance(image, list) and question is not None and isinstance(question, list):
+            if len(image) != len(question):
+                raise ValueError("`image` and `question` lists must have the same length.")
+            return [self(img, q, **kwargs) for img, q in zip(image, question)]
+        if question is None:
+            raise ValueError("Pass a `question` (a string) with the image.")
+        return super().__call__({"image": image, "question": question}, **kwargs)
+
+    def _sanitize_parameters(
+        self,
+        top_k: int | None = None,
+        candidate_answers: list[str] | None = None,
+        k: int = 128,
+        timeout: float | None = None,
+        **generate_kwargs: Any,
+    ):
+        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"`top_k` must be a positive int, got {top_k!r}.")
+        forward = {"generate_kwargs": generate_kwargs, "top_k": top_k or 1}
+        if candidate_answers is not None:
+            if not candidate_answers or not all(isinstance(a, str) and a.strip() for a in candidate_answers):
+                raise ValueError("`candidate_answers` must be a non-empty list of non-empty strings.")
+            forward.update(candidate_answers=list(candidate_answers), k=k)
+        return {"timeout": timeout}, forward, {}
+
+    def preprocess(self, inputs: dict, timeout: float | None = None):
+        processor = self._mplug_processor()
+        return processor(images=_as_image(inputs["image"], timeout), text=inputs["question"])
+
+    def _forward(self, model_inputs, generate_kwargs=None, top_k: int = 1, candidate_answers=None, k: int = 128):
+        model_inputs = {
+            k_: v for k_, v in model_inputs.items() if k_ in ("pixel_values", "input_ids", "attention_mask")
+        }
+        processor = self._mplug_processor()
+        if candidate_answers is not None:
+            candidates = processor.encode_text(candidate_answers, add_eos=True)
+            ranked = self.model.rank_answers(candidates["input_ids"], candidates["attention_mask"], k=k, **model_inputs)
+            answers = [candidate_answers[i] for i in ranked.indices[0, :top_k].tolist()]
+            return {"answers": answers, "scores": ranked.probabilities[0, :top_k].tolist()}
+        generate_kwargs = dict(generate_kwargs or {})
+        num_beams = generate_kwargs.get("num_beams", self.model.generation_config.num_beams or 1)
+        if top_k > num_beams:
+            raise ValueError(f"`top_k` ({top_k}) cannot exceed `num_beams` ({num_beams}) for generated answers.")
+        out = self.model.generate(
+            **model_inputs,
+            num_return_sequences=top_k,
+            output_scores=True,
+            return_dict_in_generate=True,
+            **generate_kwargs,
+        )
+        transition = self.model.text_decoder.compute_transition_scores(
+            out.sequences, out.scores, getattr(out, "beam_indices", None), normalize_logits=num_beams == 1
+        )
+        new_tokens = out.sequences[:, 1:]
+        valid = torch.ones_like(new_tokens, dtype=torch.bool)
+        eos = self.model.config.eos_token_id
+        for row in range(new_tokens.shape[0]):  # keep up to and including the first [SEP]
+            hits = (new_tokens[row] == eos).nonzero()
+            if len(hits):
+                valid[row, hits[0, 0] + 1 :] = False
+        log_probs = (transition.float() * valid[:, : transition.shape[1]]).sum(1)
+        return {"answers": processor.batch_decode(out.sequences), "scores": log_probs.exp().tolist()}
+
+    def postprocess(self, model_outputs):
+        results = [{"answer": a, "score": float(s)} for a, s in zip(model_outputs["answers"], model_outputs["scores"])]
+        return sorted(results, key=lambda r: r["score"], reverse=True)
+
+
+class MPLUGImageCaptioningPipeline(_MPLUGPipelineMixin, Pipeline):
+    r"""
+    Image captioning with [`MPLUGForCaptioning`] under `"image-text-to-text"`: `captioner(image, text=None)` ->
+    `[{"generated_text": caption}]`; `text` is an optional prompt (e.g. `"a picture of"`), kept in the caption.
+    """
+
+    _model_class = MPLUGForCaptioning
+    _task_name = "image-text-to-text"
+    _load_processor = True
+    _load_image_processor = False
+    _load_feature_extractor = False
+    _load_tokenizer = False
+
+    def __call__(self, images: Any = None, text: str | None = None, **kwargs: Any):
+        if images is None:
+            images = kwargs.pop("image", None)
+        if images is None:
+            raise ValueError("Pass an image (`images=`).")
+        if isinstance(images, list) and images and not isinstance(images[0], (list, tuple)):
+            return [self(image, text, **kwargs) for image in images]
+        return super().__call__({"image": images, "text": text}, **kwargs)
+
+    def _sanitize_parameters(
+        self,
+        timeout: float | None = None,
+        max_new_tokens: int | None = None,
+        generate_kwargs: dict | None = None,
+        **kwargs: Any,
+    ):
+        forward = dict(generate_kwargs or {})
+        forward.update(kwargs)
+        if max_new_tokens is not None:
+            forward["max_new_tokens"] = max_new_tokens
+        return {"timeout": timeout}, {"generate_kwargs": forward}, {}
+
+    def preprocess(self, inputs: dict, timeout: float | None = None):
+        processor = self._mplug_processor()
+        image = inputs["image"]
+        image = (
+            [_as_image(f, timeout) for f in image] if isinstance(image, (list, tuple)) else _as_image(image, timeout)
+        )
+        key = "videos" if isinstance(image, (list, tuple)) else "images"
+        batch = processor(**{key: image})
+        if inputs["text"]:
+            batch["input_ids"] = processor.encode_text(inputs["text"])["input_ids"]
+        return batch
+
+    def _forward(self, model_inputs, generate_kwargs=None):
+        sequences = self.model.generate(
+            pixel_values=model_inputs["pixel_values"],
+            input_ids=model_inputs.get("input_ids"),
+            **(generate_kwargs or {}),
+        )
+        return {"sequences": sequences}
+
+    def postprocess(self, model_outputs):
+        processor = self._mplug_processor()
+        return [{"generated_text": text} for text in processor.batch_decode(model_outputs["sequences"])]
+
+
+class MPLUGZeroShotImageClassificationPipeline(_MPLUGPipelineMixin, Pipeline):
+    r"""
+    Zero-shot image classification with [`MPLUGForRetrieval`]: `classifier(image, candidate_labels=[...],
+    hypothesis_template="a picture of {}.")` -> `[{"label", "score"}]`, scores = softmax over the labels of the ITC
+    similarity / temperature; `use_itm=True` uses the ITM match logits of (image, hypothesis) pairs instead.
+    """
+
+    _model_class = MPLUGForRetrieval
+    _task_name = "zero-shot-image-classification"
+    _load_processor = False
+    _load_image_processor = True
+    _load_feature_extractor = False
+    _load_tokenizer = True
+
+    def __call__(self, image: Any, candidate_labels: list[str] | None = None, **kwargs: Any):
+        if candidate_labels is None:
+            candidate_labels = kwargs.pop("candidate_labels", None)
+        if not candidate_labels:
+            raise ValueError("Pass `candidate_labels` (a non-empty list of strings).")
+        if isinstance(image, list):
+            return [self(img, candidate_labels, **kwargs) for img in image]
+        return super().__call__({"image": image, "labels": list(candidate_labels)}, **kwargs)
+
+    def _sanitize_parameters(
+        self,
+        hypothesis_template: str = "a picture of {}.",
+        use_itm: bool = False,
+        timeout: float | None = None,
+        **kwargs: Any,
+    ):
+        if kwargs:
+            raise TypeError(f"Unexpected argument(s) {sorted(kwargs)}.")
+        if "{}" not in hypothesis_template:
+            raise ValueError("`hypothesis_template` must contain '{}' where the label goes.")
+        return {"hypothesis_template": hypothesis_template, "timeout": timeout}, {"use_itm": use_itm}, {}
+
+    def preprocess(self, inputs: dict, hypothesis_template: str = "a picture of {}.", timeout: float | None = None):
+        processor = self._mplug_processor()
+        batch = processor(images=_as_image(inputs["image"], timeout))
+        texts = processor.encode_text([hypothesis_template.format(label) for label in inputs["labels"]])
+        batch.update(texts)
+        batch["candidate_labels"] = inputs["labels"]
+        return batch
+
+    def _forward(self, model_inputs, use_itm: bool = False):
+        labels = model_inputs.pop("candidate_labels")
+        ids, mask = model_inputs["input_ids"], model_inputs["attention_mask"]
+        _, image_embeds = self.model.mplug.encode_image(model_inputs["pixel_values"])
+        if use_itm:
+            expanded = image_embeds.expand(len(labels), -1, -1)
+            logits = self.model.match_pairs(image_embeds=expanded, input_ids=ids, attention_mask=mask)[:, 1]
+        else:
+            image_features = self.model.get_image_features(image_embeds=image_embeds)
+            text_features = self.model.get_text_features(ids, mask)
+            logits = (image_features @ text_features.t())[0] / self.model.temp
+        return {"labels": labels, "scores": logits.float().softmax(-1).tolist()}
+
+    def postprocess(self, model_outputs):
+        results = [{"score": s, "label": label} for s, label in zip(model_outputs["scores"], model_outputs["labels"])]
+        return sorted(results, key=lambda r: r["score"], reverse=True)
+
+
+class MPLUGVisualGroundingPipeline(_MPLUGPipelineMixin, Pipeline):
+    r"""
+    Visual grounding with [`MPLUGForGrounding`] (task `"visual-grounding"`, registered by this package):
+    `grounder(image, phrase)` -> `{"box": {"xmin", "ymin", "xmax", "ymax"}, "score"}` in pixels of the original
+    image (the original's letterbox preprocessing is undone); `score` = joint probability of the 4 coordinate tokens.
+    """
+
+    _model_class = MPLUGForGrounding
+    _task_name = "visual-grounding"
+    _load_processor = None
+    _load_image_processor = True
+    _load_feature_extractor = False
+    _load_tokenizer = True
+
+    def __call__(self, image: Any, phrase: str | list[str] | None = None, **kwargs: Any):
+        if phrase is None:
+            raise ValueError("Pass the referring expression as `phrase`.")
+        if isinstance(image, list) or isinstance(phrase, list):
+            images = image if isinstance(image, list) else [image] * len(phrase)
+            phrases = phrase if isinstance(phrase, list) else [phrase] * len(images)
+            if len(images) != len(phrases):
+                raise ValueError("`image` and `phrase` lists must have the same length.")
+            return [self(i, p, **kwargs) for i, p in zip(images, phrases)]
+        return super().__call__({"image": image, "phrase": phrase}, **kwargs)
+
+    def _sanitize_parameters(self, timeout: float | None = None, max_length: int | None = None, **kwargs: Any):
+        if kwargs:
+            raise TypeError(f"Unexpected argument(s) {sorted(kwargs)}.")
+        return {"timeout": timeout, "max_length": max_length}, {}, {}
+
+    def preprocess(self, inputs: dict, timeout: float | None = None, max_length: int | None = None):
+        processor = self._mplug_processor()
+        return processor.prepare_grounding(_as_image(inputs["image"], timeout), inputs["phrase"], max_length=max_length)
+
+    def _forward(self, model_inputs):
+        prediction = self.model.predict_boxes(
+            model_inputs["pixel_values"], model_inputs["input_ids"], model_inputs["attention_mask"]
+        )
+        return {"prediction": prediction, "image_geometry": model_inputs["image_geometry"]}
+
+    def postprocess(self, model_outputs):
+        processor = self._mplug_processor()
+        result = processor.post_process_grounding(model_outputs["prediction"], model_outputs["image_geometry"])[0]
+        xmin, ymin, xmax, ymax = result["box"]
+        return {"box": {"xmin": xmin, "ymin": ymin, "xmax": xmax, "ymax": ymax}, "score": result["score"]}
+
+
+def register_pipelines() -> None:
+    """Register the mPLUG pipelines and auto-model mappings with transformers (called on import)."""
+    from transformers import pipelines as transformers_pipelines
+
+    AutoModelForVisualQuestionAnswering.register(MPLUGConfig, MPLUGForQuestionAnswering, exist_ok=True)
+    AutoModelForImageTextToText.register(MPLUGConfig, MPLUGForCaptioning, exist_ok=True)
+    AutoModelForZeroShotImageClassification.register(MPLUGConfig, MPLUGForRetrieval, exist_ok=True)
+
+    removed = getattr(transformers_pipelines, "REMOVED_TASKS", {})
+    for task in ("visual-question-answering", "vqa"):
+        removed.pop(task, None)  # transformers >= 5.3 removed the task; this package provides it again
+    aliases = PIPELINE_REGISTRY.task_aliases
+    aliases.setdefault("vqa", "visual-question-answering")
+
+    entries = (
+        ("visual-question-answering", MPLUGVisualQuestionAnsweringPipeline, AutoModelForVisualQuestionAnswering),
+        ("image-text-to-text", MPLUGImageCaptioningPipeline, AutoModelForImageTextToText),
+        (
+            "zero-shot-image-classification",
+            MPLUGZeroShotImageClassificationPipeline,
+            AutoModelForZeroShotImageClassification,
+        ),
+        ("visual-grounding", MPLUGVisualGroundingPipeline, MPLUGForGrounding),
+    )
+    for task, pipeline_class, model_class in entries:
+        current = PIPELINE_REGISTRY.supported_tasks.get(task)
+        if current is not None and current.get("impl") is pipeline_class:
+            continue
+        pipeline_class._native_class = _native_pipeline_class(task)
+        default = current.get("default") if current else None
+        pt_models = current.get("pt") if current else (model_class,)
+        if model_class not in pt_models:
+            pt_models = (*pt_models, model_class)
+        entry = {"impl": pipeline_class, "pt": tuple(pt_models), "type": "multimodal"}
+        if default is not None:
+            entry["default"] = default
+        PIPELINE_REGISTRY.supported_tasks[task] = entry
+
+
+__all__ = [
+    "MPLUGVisualQuestionAnsweringPipeline",
+    "MPLUGImageCaptioningPipeline",
+    "MPLUGZeroShotImageClassificationPipeline",
+    "MPLUGVisualGroundingPipeline",
+    "register_pipelines",
+]

@@ -1,0 +1,202 @@
+"""pipeline(...) support for mPLUG models (run on the newest transformers and, in a subprocess, on 5.2.x)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from PIL import Image
+from transformers import CLIPConfig, CLIPModel, pipeline
+
+from transformers_mplug import (
+    MPLUGForCaptioning,
+    MPLUGForGrounding,
+    MPLUGForQuestionAnswering,
+    MPLUGForRetrieval,
+    MPLUGProcessor,
+)
+from transformers_mplug.pipelines import (
+    MPLUGImageCaptioningPipeline,
+    MPLUGVisualGroundingPipeline,
+    MPLUGVisualQuestionAnsweringPipeline,
+    MPLUGZeroShotImageClassificationPipeline,
+)
+
+from .conftest import REPO_ROOT, TF52_PATH, tiny_config
+
+GROUNDING = dict(grounding_prefix_token_id=20, coordinate_token_start_id=21, num_coordinate_bins=33)
+
+
+@pytest.fixture
+def image():
+    return Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8))
+
+
+def saved(tmp_path, model, processor, name="model"):
+    folder = tmp_path / name
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return str(folder)
+
+
+def test_vqa_pipeline_with_model_object_and_folder(tmp_path, processor, image):
+    torch.manual_seed(0)
+    model = MPLUGForQuestionAnswering(tiny_config()).eval()
+    vqa = pipeline(
+        "visual-question-answering",
+        model=model,
+        tokenizer=processor.tokenizer,
+        image_processor=processor.image_processor,
+    )
+    assert isinstance(vqa, MPLUGVisualQuestionAnsweringPipeline)
+    result = vqa(image, "what is the color of the cat", top_k=2, max_new_tokens=3)
+    assert len(result) == 2 and set(result[0]) == {"answer", "score"}
+    assert 0 < result[1]["score"] <= result[0]["score"] <= 1
+    inputs = processor(images=image, text="what is the color of the cat")
+    expected = model.generate(**inputs, max_new_tokens=3)
+    assert result[0]["answer"] == processor.decode(expected[0])
+    ranked = vqa(image, "what is the cat", candidate_answers=["red", "blue", "two"], top_k=3)
+    assert sorted(r["answer"] for r in ranked) == ["blue", "red", "two"]
+    assert sum(r["score"] for r in ranked) == pytest.approx(1.0, abs=1e-5)
+    from_folder = pipeline("visual-question-answering", model=saved(tmp_path, model, processor))
+    assert isinstance(from_folder.model, MPLUGForQuestionAnswering)
+    assert from_folder(image, "what is the color of the cat", max_new_tokens=3)[0]["answer"] == result[0]["answer"]
+    assert pipeline("vqa", model=model, tokenizer=processor.tokenizer, image_processor=processor.image_processor)
+    with pytest.raises(ValueError, match="question"):
+        vqa(image)
+
+
+def test_captioning_pipeline(tmp_path, processor, image):
+    torch.manual_seed(0)
+    model = MPLUGForCaptioning(tiny_config()).eval()
+    captioner = pipeline("image-text-to-text", model=saved(tmp_path, model, processor))
+    assert isinstance(captioner, MPLUGImageCaptioningPipeline)
+    caption = captioner(image, num_beams=2, min_new_tokens=2, max_new_tokens=4)
+    expected = model.generate(**processor(images=image), num_beams=2, min_new_tokens=2, max_new_tokens=4)
+    assert caption == [{"generated_text": processor.decode(expected[0])}]
+    prompted = captioner(images=image, text="a cat", num_beams=1, min_new_tokens=1, max_new_tokens=2)
+    assert prompted[0]["generated_text"].startswith("a cat")
+    direct = pipeline("image-text-to-text", model=model, processor=processor)
+    assert direct(image, num_beams=2, min_new_tokens=2, max_new_tokens=4) == caption
+
+
+def test_zero_shot_pipeline(tmp_path, processor, image):
+    torch.manual_seed(0)
+    model = MPLUGForRetrieval(tiny_config(projection_dim=16)).eval()
+    classifier = pipeline("zero-shot-image-classification", model=saved(tmp_path, model, processor))
+    assert isinstance(classifier, MPLUGZeroShotImageClassificationPipeline)
+    result = classifier(image, candidate_labels=["cat", "dog", "two cat"])
+    assert [r["label"] for r in result] and sum(r["score"] for r in result) == pytest.approx(1.0, abs=1e-5)
+    texts = processor.encode_text([f"a picture of {label}." for label in ["cat", "dog", "two cat"]])
+    with torch.no_grad():
+        sims = model.get_image_features(**processor(images=image)) @ model.get_text_features(**texts).t()
+    expected = (sims[0] / model.temp).softmax(-1)
+    assert {r["label"]: r["score"] for r in result} == pytest.approx(
+        dict(zip(["cat", "dog", "two cat"], expected.tolist())), abs=1e-5
+    )
+    itm = classifier(image, candidate_labels=["cat", "dog"], use_itm=True)
+    assert len(itm) == 2 and sum(r["score"] for r in itm) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_grounding_pipeline(tmp_path, processor, image):
+    torch.manual_seed(0)
+    model = MPLUGForGrounding(tiny_config(**GROUNDING)).eval()
+    grounding_processor = MPLUGProcessor(
+        processor.image_processor, processor.tokenizer, coordinate_start_token="[unused20]", num_coordinate_bins=33
+    )
+    grounder = pipeline("visual-grounding", model=saved(tmp_path, model, grounding_processor))
+    assert isinstance(grounder, MPLUGVisualGroundingPipeline)
+    result = grounder(image, "the cat")
+    box = result["box"]
+    assert 0 <= box["xmin"] <= box["xmax"] <= 50 and 0 <= box["ymin"] <= box["ymax"] <= 40
+    batch = grounding_processor.prepare_grounding(image, "the cat")
+    prediction = model.predict_boxes(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+    expected = grounding_processor.post_process_grounding(prediction, batch["image_geometry"])[0]
+    assert list(box.values()) == pytest.approx(expected["box"]) and result["score"] == pytest.approx(expected["score"])
+    assert len(grounder([image, image], ["the cat", "a dog"])) == 2
+
+
+def test_other_models_keep_the_native_pipeline(processor, image):
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=128,
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=40,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=16,
+        ),
+        projection_dim=16,
+    )
+    classifier = pipeline(
+        "zero-shot-image-classification",
+        model=CLIPModel(config).eval(),
+        tokenizer=processor.tokenizer,
+        image_processor=processor.image_processor,
+    )
+    assert not isinstance(classifier, MPLUGZeroShotImageClassificationPipeline)
+    assert type(classifier).__module__.startswith("transformers.pipelines")
+    result = classifier(image, candidate_labels=["cat", "dog"])
+    assert sum(r["score"] for r in result) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_wrong_mplug_head_for_a_task_is_rejected(processor):
+    with pytest.raises(TypeError, match="MPLUGForQuestionAnswering"):
+        pipeline(
+            "visual-question-answering",
+            model=MPLUGForCaptioning(tiny_config()),
+            tokenizer=processor.tokenizer,
+            image_processor=processor.image_processor,
+        )
+
+
+@pytest.mark.skipif(transformers.__version__.startswith("5.2."), reason="already running on transformers 5.2.x")
+def test_pipelines_on_transformers_5_2(tmp_path):
+    if not os.path.isdir(os.path.join(TF52_PATH, "transformers")):
+        pytest.skip(f"transformers 5.2.x not installed at {TF52_PATH} (run `make test`, which installs it)")
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([TF52_PATH, os.environ.get("PYTHONPATH", "")]),
+        HF_HUB_OFFLINE="1",
+        HF_HOME=str(tmp_path / "hf_home"),
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "tests/test_pipelines.py",
+            "-k",
+            "not transformers_5_2",
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert "passed" in result.stdout
+    version = subprocess.run(
+        [sys.executable, "-c", "import transformers; print(transformers.__version__)"],
+        env=env,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    assert version.startswith("5.2."), version
