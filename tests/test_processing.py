@@ -217,3 +217,10 @@ def test_original_padded_batches_pairs_and_decoding(reference_tokenizer):
     assert pair["input_ids"][0] == outputs["pair"]["input_ids"]
     assert pair["token_type_ids"][0] == outputs["pair"]["token_type_ids"]
     assert [processor.decode(ids) for ids in inputs["decode_ids"]] == outputs["decoded_postprocessed"]
+
+
+def test_encode_labels_pads_with_minus_100(processor):
+    labels = processor.encode_labels(["red cat", "two"])
+    tok = processor.tokenizer
+    assert labels[0].tolist() == [101, *tok.convert_tokens_to_ids(["red", "cat"]), 102]
+    assert labels[1].tolist() == [101, tok.convert_tokens_to_ids("two"), 102, -100]

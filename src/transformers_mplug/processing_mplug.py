@@ -117,6 +117,14 @@ class MPLUGProcessor(ProcessorMixin):
             ids = [seq[:max_length] for seq in ids]
         return self._pad(ids, padding, max_length, return_tensors)
 
+    def encode_labels(
+        self, texts: str | Sequence[str], truncation: bool = False, max_length: int | None = None
+    ) -> torch.Tensor:
+        """Decoder targets `[CLS] text [SEP]` padded with -100 (any number of answers / captions, e.g. several
+        answers per question for [`MPLUGForQuestionAnswering`] with `answers_per_question`)."""
+        encoded = self.encode_text(texts, add_eos=True, truncation=truncation, max_length=max_length, argument="texts")
+        return encoded["input_ids"].masked_fill(encoded["attention_mask"] == 0, -100)
+
     def _pad(
         self, ids: list[list[int]], padding: bool | str, max_length: int | None, return_tensors: str | None
     ) -> BatchFeature:
@@ -197,7 +205,7 @@ class MPLUGProcessor(ProcessorMixin):
             if num_texts is not None and len(labels) != num_texts:
                 raise ValueError(
                     f"`text` has {num_texts} entries but `text_target` has {len(labels)}; for several answers per "
-                    "question encode the answers with `processor.encode_text(answers, add_eos=True)`."
+                    "question encode the answers with `processor.encode_labels(answers)`."
                 )
         if "pixel_values" in data and num_texts is not None and len(data["pixel_values"]) != num_texts:
             raise ValueError(
