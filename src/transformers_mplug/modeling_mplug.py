@@ -435,6 +435,41 @@ class MPLUGDecoderHeadMixin:
 
     text_decoder: BertLMHeadModel
     config: MPLUGConfig
+    _tied_weights_keys = {
+        "text_decoder.cls.predictions.decoder.weight": "text_decoder.bert.embeddings.word_embeddings.weight",
+        "text_decoder.cls.predictions.decoder.bias": "text_decoder.cls.predictions.bias",
+    }
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.text_decoder.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.text_decoder.set_input_embeddings(value)
+
+    @staticmethod
+    def _decoding_config(
+        config: MPLUGConfig, num_beams: int, min_new_tokens: int, max_new_tokens: int
+    ) -> GenerationConfig:
+        return GenerationConfig(
+            num_beams=num_beams,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens,
+            bos_token_id=config.bos_token_id,
+            eos_token_id=config.eos_token_id,
+            pad_token_id=config.pad_token_id,
+            decoder_start_token_id=config.bos_token_id,
+        )
+
+    def _fused_memory(self, pixel_values, input_ids, attention_mask, image_embeds) -> tuple[torch.Tensor, torch.Tensor]:
+        """`concat(V', T')` and its mask `concat(ones, attention_mask)` from the trunk."""
+        out = self.mplug(
+            pixel_values=pixel_values,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            image_embeds=image_embeds,
+            return_dict=True,
+        )
+        return out.last_hidden_state, out.memory_attention_mask
 
     def get_output_embeddings(self) -> nn.Module:
         return self.text_decoder.get_output_embeddings()
@@ -522,11 +557,6 @@ class MPLUGForQuestionAnswering(MPLUGDecoderHeadMixin, MPLUGPreTrainedModel, Gen
         True
     """
 
-    _tied_weights_keys = {
-        "text_decoder.cls.predictions.decoder.weight": "text_decoder.bert.embeddings.word_embeddings.weight",
-        "text_decoder.cls.predictions.decoder.bias": "text_decoder.cls.predictions.bias",
-    }
-
     def __init__(self, config: MPLUGConfig) -> None:
         super().__init__(config)
         self.mplug = MPLUGModel(config)
@@ -534,34 +564,10 @@ class MPLUGForQuestionAnswering(MPLUGDecoderHeadMixin, MPLUGPreTrainedModel, Gen
         self.post_init()
         self.generation_config = self.default_generation_config(config)
 
-    @staticmethod
-    def default_generation_config(config: MPLUGConfig) -> GenerationConfig:
+    @classmethod
+    def default_generation_config(cls, config: MPLUGConfig) -> GenerationConfig:
         """The original VQA decoding: beam search with 5 beams, 1 to 10 new tokens, `[CLS]` -> ... -> `[SEP]`."""
-        return GenerationConfig(
-            num_beams=5,
-            max_new_tokens=10,
-            min_new_tokens=1,
-            bos_token_id=config.bos_token_id,
-            eos_token_id=config.eos_token_id,
-            pad_token_id=config.pad_token_id,
-            decoder_start_token_id=config.bos_token_id,
-        )
-
-    def get_input_embeddings(self) -> nn.Module:
-        return self.text_decoder.get_input_embeddings()
-
-    def set_input_embeddings(self, value: nn.Module) -> None:
-        self.text_decoder.set_input_embeddings(value)
-
-    def _memory(self, pixel_values, input_ids, attention_mask, image_embeds) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.mplug(
-            pixel_values=pixel_values,
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            image_embeds=image_embeds,
-            return_dict=True,
-        )
-        return out.last_hidden_state, out.memory_attention_mask
+        return cls._decoding_config(config, num_beams=5, min_new_tokens=1, max_new_tokens=10)
 
     @staticmethod
     def _answer_index(
@@ -635,7 +641,7 @@ class MPLUGForQuestionAnswering(MPLUGDecoderHeadMixin, MPLUGPreTrainedModel, Gen
         decoder_input_ids, decoder_attention_mask, labels = _decoder_inputs(
             labels, decoder_input_ids, decoder_attention_mask, self.config.pad_token_id
         )
-        memory, memory_mask = self._memory(pixel_values, input_ids, attention_mask, image_embeds)
+        memory, memory_mask = self._fused_memory(pixel_values, input_ids, attention_mask, image_embeds)
         batch_size, num_answers = memory.shape[0], decoder_input_ids.shape[0]
         index = self._answer_index(batch_size, num_answers, answer_question_index, answers_per_question, memory.device)
         logits = self._decode(decoder_input_ids, decoder_attention_mask, memory[index], memory_mask[index])
@@ -677,7 +683,7 @@ class MPLUGForQuestionAnswering(MPLUGDecoderHeadMixin, MPLUGPreTrainedModel, Gen
         """
         if input_ids is None:
             raise ValueError("`input_ids` (the question ids from the processor) is required.")
-        memory, memory_mask = self._memory(pixel_values, input_ids, attention_mask, image_embeds)
+        memory, memory_mask = self._fused_memory(pixel_values, input_ids, attention_mask, image_embeds)
         return self._generate_from_memory(memory, memory_mask, None, generation_config, generation_kwargs)
 
     @torch.no_grad()
@@ -713,7 +719,7 @@ class MPLUGForQuestionAnswering(MPLUGDecoderHeadMixin, MPLUGPreTrainedModel, Gen
             raise ValueError(f"`k` must be a positive int, got {k!r}.")
         if input_ids is None:
             raise ValueError("`input_ids` (the question ids from the processor) is required.")
-        memory, memory_mask = self._memory(pixel_values, input_ids, attention_mask, image_embeds)
+        memory, memory_mask = self._fused_memory(pixel_values, input_ids, attention_mask, image_embeds)
         batch_size, num_candidates = memory.shape[0], candidate_input_ids.shape[0]
         k = min(k, num_candidates)
         device = memory.device
@@ -765,8 +771,6 @@ class MPLUGForCaptioning(MPLUGDecoderHeadMixin, MPLUGPreTrainedModel, Generation
         1
     """
 
-    _tied_weights_keys = MPLUGForQuestionAnswering._tied_weights_keys
-
     def __init__(self, config: MPLUGConfig) -> None:
         super().__init__(config)
         self.mplug = MPLUGModel(config, vision_only=True)
@@ -774,24 +778,10 @@ class MPLUGForCaptioning(MPLUGDecoderHeadMixin, MPLUGPreTrainedModel, Generation
         self.post_init()
         self.generation_config = self.default_generation_config(config)
 
-    @staticmethod
-    def default_generation_config(config: MPLUGConfig) -> GenerationConfig:
+    @classmethod
+    def default_generation_config(cls, config: MPLUGConfig) -> GenerationConfig:
         """The original captioning decoding: 5 beams, 8 to 25 new tokens."""
-        return GenerationConfig(
-            num_beams=5,
-            max_new_tokens=25,
-            min_new_tokens=8,
-            bos_token_id=config.bos_token_id,
-            eos_token_id=config.eos_token_id,
-            pad_token_id=config.pad_token_id,
-            decoder_start_token_id=config.bos_token_id,
-        )
-
-    def get_input_embeddings(self) -> nn.Module:
-        return self.text_decoder.get_input_embeddings()
-
-    def set_input_embeddings(self, value: nn.Module) -> None:
-        self.text_decoder.set_input_embeddings(value)
+        return cls._decoding_config(config, num_beams=5, min_new_tokens=8, max_new_tokens=25)
 
     def _memory(self, pixel_values, image_embeds) -> tuple[torch.Tensor, torch.Tensor]:
         if image_embeds is None:
@@ -1355,8 +1345,6 @@ class MPLUGForGrounding(MPLUGDecoderHeadMixin, MPLUGPreTrainedModel):
         (torch.Size([1, 4]), True)
     """
 
-    _tied_weights_keys = MPLUGForQuestionAnswering._tied_weights_keys
-
     def __init__(self, config: MPLUGConfig) -> None:
         super().__init__(config)
         vocab = config.vocab_size
@@ -1377,9 +1365,6 @@ class MPLUGForGrounding(MPLUGDecoderHeadMixin, MPLUGPreTrainedModel):
         self.text_decoder = BertLMHeadModel(config.decoder_config())
         self.post_init()
 
-    def get_input_embeddings(self) -> nn.Module:
-        return self.text_decoder.get_input_embeddings()
-
     def _coordinate_mask(self, logits: torch.Tensor) -> torch.Tensor:
         mask = torch.full((logits.shape[-1],), -10000.0, dtype=logits.dtype, device=logits.device)
         start = self.config.coordinate_token_start_id
@@ -1394,16 +1379,6 @@ class MPLUGForGrounding(MPLUGDecoderHeadMixin, MPLUGPreTrainedModel):
     def tokens_to_boxes(self, tokens: torch.Tensor) -> torch.Tensor:
         """Coordinate token ids -> normalised `(cx, cy, w, h)`."""
         return (tokens - self.config.coordinate_token_start_id).float() / (self.config.num_coordinate_bins - 1)
-
-    def _memory(self, pixel_values, input_ids, attention_mask, image_embeds):
-        out = self.mplug(
-            pixel_values=pixel_values,
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            image_embeds=image_embeds,
-            return_dict=True,
-        )
-        return out.last_hidden_state, out.memory_attention_mask
 
     def forward(
         self,
@@ -1429,7 +1404,7 @@ class MPLUGForGrounding(MPLUGDecoderHeadMixin, MPLUGPreTrainedModel):
         if boxes is None:
             output = self.predict_boxes(pixel_values, input_ids, attention_mask, image_embeds)
             return output if return_dict else output.to_tuple()
-        memory, memory_mask = self._memory(pixel_values, input_ids, attention_mask, image_embeds)
+        memory, memory_mask = self._fused_memory(pixel_values, input_ids, attention_mask, image_embeds)
         batch_size = memory.shape[0]
         boxes = torch.as_tensor(boxes, dtype=memory.dtype, device=memory.device)
         if boxes.shape != (batch_size, 4):
@@ -1468,7 +1443,7 @@ class MPLUGForGrounding(MPLUGDecoderHeadMixin, MPLUGPreTrainedModel):
         """Predict one box per (image, phrase): 4 greedy steps over the coordinate tokens, with a KV cache."""
         if input_ids is None:
             raise ValueError("`input_ids` (the phrase ids) is required.")
-        memory, memory_mask = self._memory(pixel_values, input_ids, attention_mask, image_embeds)
+        memory, memory_mask = self._fused_memory(pixel_values, input_ids, attention_mask, image_embeds)
         batch_size = memory.shape[0]
         tokens = torch.full((batch_size, 1), self.config.grounding_prefix_token_id, device=memory.device)
         cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
