@@ -28,7 +28,7 @@ test: $(VENV)/.installed $(TF52_DIR)/.installed
 	MPLUG_TF52_PATH=$(abspath $(TF52_DIR)) $(VENV)/bin/python -m pytest -q tests --doctest-modules src/transformers_mplug
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check src tests examples
+	$(VENV)/bin/ruff check src tests examples conversion
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

@@ -37,17 +37,29 @@ AutoProcessor.register(MPLUGConfig, MPLUGProcessor, exist_ok=True)
 register_pipelines()
 
 
-def register_remote_code() -> None:
+_REMOTE_AUTO_CLASSES = {
+    "MPLUGModel": "AutoModel",
+    "MPLUGForQuestionAnswering": "AutoModelForVisualQuestionAnswering",
+    "MPLUGForCaptioning": "AutoModelForImageTextToText",
+    "MPLUGForRetrieval": "AutoModelForZeroShotImageClassification",
+    "MPLUGForGrounding": "AutoModel",
+}
+
+
+def register_remote_code(model_class: type = MPLUGModel) -> None:
     """Make `save_pretrained` copy this package's code into saved folders, so that they load with
-    `AutoConfig/AutoModel/AutoProcessor.from_pretrained(folder, trust_remote_code=True)` in a process that never
-    imports `transformers_mplug`.
+    `Auto*.from_pretrained(folder, trust_remote_code=True)` in a process that never imports `transformers_mplug`
+    (`model_class` is registered for its auto class: `AutoModelForVisualQuestionAnswering` for
+    `MPLUGForQuestionAnswering`, `AutoModelForImageTextToText` for the captioner, ...).
 
     Example:
         >>> import transformers_mplug
         >>> transformers_mplug.register_remote_code()  # then model.save_pretrained(...), processor.save_pretrained(...)
     """
+    if model_class.__name__ not in _REMOTE_AUTO_CLASSES:
+        raise ValueError(f"`model_class` must be one of {sorted(_REMOTE_AUTO_CLASSES)}, got {model_class.__name__}.")
     MPLUGConfig.register_for_auto_class()
-    MPLUGModel.register_for_auto_class("AutoModel")
+    model_class.register_for_auto_class(_REMOTE_AUTO_CLASSES[model_class.__name__])
     MPLUGImageProcessor.register_for_auto_class("AutoImageProcessor")
     MPLUGProcessor.register_for_auto_class("AutoProcessor")
 

@@ -8,6 +8,8 @@ any key it cannot place.
 
 from __future__ import annotations
 
+import os
+import pickle
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -53,6 +55,24 @@ class OriginalKeyMapping:
 
     def drop(self, reason: str, key: str) -> None:
         self.dropped.setdefault(reason, []).append(key)
+
+
+def load_original_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load an original checkpoint file safely (`torch.load(..., weights_only=True)`) and return its model state
+    dict: `{'model': ...}` training files (optimizer/scheduler/config entries are ignored), DeepSpeed
+    `mp_rank_00_model_states.pt` files (`{'module': ...}`) or bare state dicts."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"`checkpoint_path` {path} does not exist.")
+    try:
+        with torch.serialization.safe_globals([set]):  # DeepSpeed writes a set of names
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"{path} contains pickled objects other than tensors and plain containers, which are not loaded for "
+            f"safety (torch.load(weights_only=True)). Re-save only the state dict, e.g. "
+            f"torch.save({{'model': checkpoint['model']}}, path), from a trusted environment. Details: {error}"
+        ) from None
+    return unwrap_original_checkpoint(checkpoint)
 
 
 def unwrap_original_checkpoint(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -113,13 +133,62 @@ def vision_config_from_state_dict(state_dict: Mapping[str, torch.Tensor], image_
     }
 
 
-def config_from_original(
-    bert_config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor], image_size: int | None = None
-) -> MPLUGConfig:
-    """Build an [`MPLUGConfig`] from an original `config_bert*.json` dict and the checkpoint's tensor shapes.
+def bert_config_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """The original `config_bert*.json` values of a released model, read from its tensor shapes (for checkpoints
+    converted without their BERT json). The released fusion runs 6 layers with connected attention every 3
+    (base: ViT-B) or 6 (large: ViT-L) layers."""
+    keys = [normalise_original_key(k) for k in state_dict]
+    normalised = {normalise_original_key(k): v for k, v in state_dict.items()}
 
-    `image_size` is the task resolution (yaml `image_res`); by default the checkpoint's positional-embedding grid.
+    def count(prefix: str) -> int:
+        found = [int(m.group(1)) for k in keys if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))]
+        return 1 + max(found) if found else 0
+
+    embeddings = next(
+        (
+            normalised[k]
+            for k in (
+                "text_decoder.bert.embeddings.word_embeddings.weight",
+                "text_encoder.embeddings.word_embeddings.weight",
+            )
+            if k in normalised
+        ),
+        None,
+    )
+    if embeddings is None:
+        raise ValueError("Cannot read the BERT sizes from this checkpoint; pass its config_bert*.json.")
+    intermediate = next(v for k, v in normalised.items() if k.endswith("layer.0.intermediate.dense.weight"))
+    position = next(v for k, v in normalised.items() if k.endswith("embeddings.position_embeddings.weight"))
+    vision_width = state_dict[_VISUAL + "conv1.weight"].shape[0] if _VISUAL + "conv1.weight" in state_dict else 0
+    return {
+        "vocab_size": int(embeddings.shape[0]),
+        "hidden_size": int(embeddings.shape[1]),
+        "num_attention_heads": int(embeddings.shape[1]) // 64,
+        "intermediate_size": int(intermediate.shape[0]),
+        "max_position_embeddings": int(position.shape[0]),
+        "text_encoder_layers": count("text_encoder.encoder.layer.") or 6,
+        "fusion_layers": 6,
+        "stride_layer": 3 if vision_width <= 768 else 6,
+        "text_decode_layers": count("text_decoder.bert.encoder.layer.") or 12,
+    }
+
+
+def config_from_original(
+    bert_config: Mapping[str, Any] | None,
+    state_dict: Mapping[str, torch.Tensor],
+    image_size: int | None = None,
+    task_config: Mapping[str, Any] | None = None,
+) -> MPLUGConfig:
+    """Build an [`MPLUGConfig`] from an original `config_bert*.json` dict (or, when `None`, the released models'
+    values read from the tensor shapes), the checkpoint's tensor shapes and, optionally, the task yaml dict.
+
+    `image_size` is the task resolution; by default the yaml `image_res`, else the checkpoint's positional grid.
     """
+    task_config = dict(task_config or {})
+    if bert_config is None:
+        bert_config = bert_config_from_state_dict(state_dict)
+    if image_size is None and task_config.get("image_res"):
+        image_size = int(task_config["image_res"])
     required = ("vocab_size", "hidden_size", "num_attention_heads", "intermediate_size", "text_encoder_layers")
     missing = [k for k in required if k not in bert_config]
     if missing:
@@ -143,8 +212,12 @@ def config_from_original(
     extra = {}
     if "vision_proj.weight" in state_dict:
         extra["projection_dim"] = int(state_dict["vision_proj.weight"].shape[0])
+    elif task_config.get("embed_dim"):
+        extra["projection_dim"] = int(task_config["embed_dim"])
     if "temp" in state_dict:
         extra["itc_temperature"] = float(state_dict["temp"])
+    elif task_config.get("temp"):
+        extra["itc_temperature"] = float(task_config["temp"])
     return MPLUGConfig(
         **extra,
         vision_config=vision_config_from_state_dict(state_dict, image_size),
@@ -153,6 +226,23 @@ def config_from_original(
         num_decoder_layers=int(bert_config.get("text_decode_layers", 12)),
         initializer_range=text["initializer_range"],
     )
+
+
+def resize_position_embedding(table: torch.Tensor, grid: int) -> torch.Tensor:
+    """Resize a ViT positional table `(1 + g*g, D)` to `(1 + grid*grid, D)` as the original does when loading a
+    checkpoint for another resolution: class row kept, the patch grid interpolated bilinearly
+    (`align_corners=False`)."""
+    if table.dim() != 2:
+        raise ValueError(f"The positional table must be (1 + g*g, D), got {tuple(table.shape)}.")
+    source = int(round((table.shape[0] - 1) ** 0.5))
+    if source * source + 1 != table.shape[0]:
+        raise ValueError(f"The positional table has {table.shape[0]} rows, not 1 + a square grid.")
+    if source == grid:
+        return table
+    patches = table[1:].reshape(1, source, source, -1).permute(0, 3, 1, 2).float()
+    resized = torch.nn.functional.interpolate(patches, size=(grid, grid), mode="bilinear", align_corners=False)
+    resized = resized.permute(0, 2, 3, 1).reshape(grid * grid, -1).to(table.dtype)
+    return torch.cat([table[:1], resized], dim=0)
 
 
 def _map_clip(rest: str, value: torch.Tensor, out: dict[str, torch.Tensor], prefix: str) -> bool:
@@ -202,6 +292,9 @@ def map_original_trunk_state_dict(
             result.drop("training-only state (momentum copies, queues)", raw_key)
         elif key.startswith(_VISUAL):
             rest = key[len(_VISUAL) :]
+            if rest == "positional_embedding":
+                grid = config.vision_config.image_size // config.vision_config.patch_size
+                value = resize_position_embedding(value, grid)
             if rest == "proj":
                 result.drop("CLIP projection (unused)", raw_key)
             elif not _map_clip(rest, value, out, prefix + "vision_model."):
@@ -334,6 +427,9 @@ def check_and_load(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor
 
 __all__ = [
     "OriginalKeyMapping",
+    "load_original_checkpoint",
+    "bert_config_from_state_dict",
+    "resize_position_embedding",
     "unwrap_original_checkpoint",
     "config_from_original",
     "vision_config_from_state_dict",

@@ -1,0 +1,311 @@
+"""conversion/convert_mplug_original_to_hf.py, run as a user runs it, on every original-format fixture."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from transformers_mplug import (
+    MPLUGForCaptioning,
+    MPLUGForGrounding,
+    MPLUGForQuestionAnswering,
+    MPLUGForRetrieval,
+    MPLUGProcessor,
+)
+from transformers_mplug.original_checkpoint import bert_config_from_state_dict, resize_position_embedding
+
+from .conftest import REFERENCE_DIR, REPO_ROOT, require_reference
+from .fixture_checks import (
+    check_caption,
+    check_grounding,
+    check_retrieval_evaluation,
+    check_retrieval_training,
+    check_videocap,
+    check_videoqa,
+    check_vqa,
+    load,
+)
+from .test_auto_and_remote_code import BLOCK_PACKAGE
+
+SCRIPT = REPO_ROOT / "conversion" / "convert_mplug_original_to_hf.py"
+BERT = {"base": "configs/config_bert_tiny_base.json", "large": "configs/config_bert_tiny_large.json"}
+
+
+def convert(out: Path, task: str, checkpoint: str, fixture: str, bert: str, *extra: str, env=None, check=True):
+    root = require_reference()
+    command = [
+        sys.executable,
+        str(SCRIPT),
+        "--task",
+        task,
+        "--checkpoint_path",
+        str(root / checkpoint),
+        "--config_path",
+        str(root / fixture / "config.yaml"),
+        "--bert_config_path",
+        str(root / BERT[bert]),
+        "--vocab_path",
+        str(root / "configs" / "vocab.txt"),
+        "--output_dir",
+        str(out),
+        *extra,
+    ]
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    )
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+CASES = [
+    ("vqa_base", "vqa", "vqa_base/checkpoint.pth", "base", MPLUGForQuestionAnswering, check_vqa),
+    ("vqa_large", "vqa", "vqa_large/checkpoint.pth", "large", MPLUGForQuestionAnswering, check_vqa),
+    ("caption_base", "caption", "caption_base/checkpoint.pth", "base", MPLUGForCaptioning, check_caption),
+    ("caption_large", "caption", "caption_large/checkpoint.pth", "large", MPLUGForCaptioning, check_caption),
+    (
+        "retrieval_large",
+        "retrieval",
+        "retrieval_large/checkpoint.pth",
+        "large",
+        MPLUGForRetrieval,
+        check_retrieval_evaluation,
+    ),
+    ("grounding_large", "grounding", "grounding_large/checkpoint.pth", "large", MPLUGForGrounding, check_grounding),
+    ("videoqa_base", "vqa", "vqa_base/checkpoint.pth", "base", MPLUGForQuestionAnswering, check_videoqa),
+    ("videocap_large", "caption", "videocap_large/checkpoint.pth", "large", MPLUGForCaptioning, check_videocap),
+]
+
+
+@pytest.mark.parametrize(
+    ("fixture", "task", "checkpoint", "bert", "model_class", "check"), CASES, ids=[case[0] for case in CASES]
+)
+def test_converted_folder_reproduces_the_original(tmp_path, fixture, task, checkpoint, bert, model_class, check):
+    out = tmp_path / fixture
+    result = convert(out, task, checkpoint, fixture, bert, "--verify")
+    assert "Dropped" in result.stdout and "| yes |" in result.stdout
+    expected_files = {"config.json", "model.safetensors", "README.md", "tokenizer_config.json", "processor_config.json"}
+    assert expected_files <= set(os.listdir(out))
+    model, info = model_class.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    processor = MPLUGProcessor.from_pretrained(out)
+    assert processor.image_processor.size["height"] == model.config.vision_config.image_size
+    check(model.eval(), require_reference(fixture))
+    config = json.loads((out / "config.json").read_text())
+    assert isinstance(config["cross_modal_layer_types"], list)
+    card = (out / "README.md").read_text()
+    assert "sha256" in card and "| yes |" in card and "Licence" in card
+    if task in ("vqa", "caption"):
+        generation = json.loads((out / "generation_config.json").read_text())
+        task_config = (require_reference(fixture) / "config.yaml").read_text()
+        assert f"beam_size: {generation['num_beams']}" in task_config
+        assert f"max_length: {generation['max_new_tokens']}" in task_config
+        assert f"min_length: {generation['min_new_tokens']}" in task_config
+
+
+def test_retrieval_training_losses_after_conversion(tmp_path):
+    out = tmp_path / "retrieval"
+    convert(out, "retrieval", "retrieval_large/checkpoint.pth", "retrieval_large", "large")
+    model = MPLUGForRetrieval.from_pretrained(out).eval()
+    state = torch.load(REFERENCE_DIR / "retrieval_large" / "checkpoint.pth", weights_only=True)["model"]
+    queues = {k: state[k] for k in ("image_queue", "text_queue", "idx_queue")}
+    check_retrieval_training(model, require_reference("retrieval_large"), queues)
+
+
+def test_bf16_deepspeed_file_converts(tmp_path):
+    out = tmp_path / "from_deepspeed"
+    convert(out, "vqa", "vqa_base/deepspeed_ckpt/0.pt/mp_rank_00_model_states.pt", "vqa_base", "base", "--verify")
+    model = MPLUGForQuestionAnswering.from_pretrained(out, dtype=torch.float32).eval()
+    check_vqa(model, require_reference("vqa_base"), ref_key="from_bf16_checkpoint")
+
+
+def test_bfloat16_output_dtype(tmp_path):
+    out = tmp_path / "bf16"
+    convert(out, "vqa", "vqa_large/checkpoint.pth", "vqa_large", "large", "--dtype", "bfloat16", "--verify")
+    weights = load_file(out / "model.safetensors")
+    assert {t.dtype for t in weights.values()} == {torch.bfloat16}
+    model = MPLUGForQuestionAnswering.from_pretrained(out, dtype=torch.float32).eval()
+    inputs, ref = load(require_reference("vqa_large"))
+    with torch.no_grad():
+        trunk = model.mplug(
+            pixel_values=inputs["image"],
+            input_ids=inputs["question_input_ids"],
+            attention_mask=inputs["question_attention_mask"],
+        )
+    torch.testing.assert_close(trunk.fused_text_embeds, ref["encoders"]["fusion_text_output"], atol=0.1, rtol=0.05)
+
+
+def test_optimizer_carrying_checkpoint_is_the_caption_fixture():
+    checkpoint = torch.load(require_reference("caption_base") / "checkpoint.pth", weights_only=True)
+    assert {"model", "optimizer", "lr_scheduler"} <= set(checkpoint)  # converted by the caption_base case above
+
+
+def _broken_checkpoint(tmp_path: Path, edit) -> str:
+    state = torch.load(require_reference("vqa_large") / "checkpoint.pth", weights_only=True)["model"]
+    edit(state)
+    path = tmp_path / "broken.pth"
+    torch.save({"model": state}, path)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda s: s.pop("text_encoder.encoder.layer.0.output.dense.weight"), "output.dense.weight"),
+        (lambda s: s.__setitem__("mystery_module.weight", torch.zeros(2)), "mystery_module.weight"),
+        (lambda s: s.__setitem__("visn_fc.bias", torch.zeros(3)), "visn_fc.bias|vision_projection.dense.bias"),
+    ],
+    ids=["missing-weight", "unknown-key", "wrong-shape"],
+)
+def test_bad_checkpoints_fail_naming_the_key(tmp_path, edit, message):
+    path = _broken_checkpoint(tmp_path, edit)
+    root = require_reference()
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--task",
+            "vqa",
+            "--checkpoint_path",
+            path,
+            "--config_path",
+            str(root / "vqa_large" / "config.yaml"),
+            "--bert_config_path",
+            str(root / BERT["large"]),
+            "--vocab_path",
+            str(root / "configs" / "vocab.txt"),
+            "--output_dir",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1
+    assert any(m in result.stderr for m in message.split("|")), result.stderr
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_pickled_objects_are_refused(tmp_path):
+    path = tmp_path / "pickled.pth"
+    torch.save({"model": {"w": torch.zeros(1)}, "args": argparse.Namespace(lr=1.0)}, path)
+    root = require_reference()
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--task",
+            "vqa",
+            "--checkpoint_path",
+            str(path),
+            "--vocab_path",
+            str(root / "configs" / "vocab.txt"),
+            "--output_dir",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1 and "pickled objects" in result.stderr and "weights_only" in result.stderr
+
+
+def test_position_embedding_resize_matches_the_original():
+    folder = require_reference("posembed")
+    inputs, outputs = load(folder)
+    for case in ("case0", "case1", "case2"):
+        resized = resize_position_embedding(inputs["tables"][case], inputs["grid_out"][case])
+        torch.testing.assert_close(resized, outputs["vit_resize"][case], atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(resized, outputs["visual_transformers_resize"][case][0], atol=1e-6, rtol=1e-6)
+
+
+def test_converting_for_another_resolution_resizes_the_positions(tmp_path):
+    out = tmp_path / "res24"
+    convert(out, "vqa", "vqa_base/checkpoint.pth", "vqa_base", "base", "--image_size", "24")
+    model = MPLUGForQuestionAnswering.from_pretrained(out)
+    assert model.config.vision_config.image_size == 24
+    table = model.mplug.vision_model.embeddings.position_embedding.weight
+    original = torch.load(REFERENCE_DIR / "vqa_base" / "checkpoint.pth", weights_only=True)["model"]
+    expected = resize_position_embedding(original["visual_encoder.visual.positional_embedding"], 3)
+    torch.testing.assert_close(table.detach(), expected)
+    assert MPLUGProcessor.from_pretrained(out).image_processor.size == {"height": 24, "width": 24}
+
+
+def test_bert_sizes_read_from_shapes():
+    state = torch.load(require_reference("vqa_base") / "checkpoint.pth", weights_only=True)["model"]
+    bert = json.loads((REFERENCE_DIR / BERT["base"]).read_text())
+    read = bert_config_from_state_dict(state)
+    for key in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "max_position_embeddings",
+        "text_encoder_layers",
+        "text_decode_layers",
+    ):
+        assert read[key] == bert[key], key
+
+
+def test_folder_loads_with_remote_code_in_a_fresh_process(tmp_path):
+    out = tmp_path / "remote"
+    convert(out, "vqa", "vqa_base/checkpoint.pth", "vqa_base", "base")
+    inputs = require_reference("vqa_base") / "inputs.pt"
+    outputs = require_reference("vqa_base") / "outputs.pt"
+    code = BLOCK_PACKAGE + textwrap.dedent(
+        f"""
+        import torch
+        from transformers import AutoModelForVisualQuestionAnswering, AutoProcessor
+        model = AutoModelForVisualQuestionAnswering.from_pretrained({str(out)!r}, trust_remote_code=True).eval()
+        assert type(model).__name__ == "MPLUGForQuestionAnswering"
+        processor = AutoProcessor.from_pretrained({str(out)!r}, trust_remote_code=True)
+        inputs = torch.load({str(inputs)!r}, weights_only=True)
+        ref = torch.load({str(outputs)!r}, weights_only=True)
+        batch = processor(text=inputs["questions"])
+        assert torch.equal(batch["input_ids"], inputs["question_input_ids"])
+        ranked = model.rank_answers(inputs["answer_list_input_ids"], pixel_values=inputs["image"], k=inputs["rank_k"],
+                                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        assert torch.equal(ranked.indices, ref["rank_answer"]["topk_ids"])
+        print("ok")
+        """
+    )
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+def test_push_to_hub_plans_the_upload_and_fails_honestly_offline(tmp_path):
+    out = tmp_path / "push"
+    dry = convert(
+        out,
+        "caption",
+        "caption_base/checkpoint.pth",
+        "caption_base",
+        "base",
+        "--push_to_hub",
+        "someone/mplug-test",
+        "--dry_run_push",
+    )
+    assert "model.safetensors" in dry.stdout and "README.md" in dry.stdout and "nothing was uploaded" in dry.stdout
+    offline = convert(
+        tmp_path / "push2",
+        "caption",
+        "caption_base/checkpoint.pth",
+        "caption_base",
+        "base",
+        "--push_to_hub",
+        "someone/mplug-test",
+        check=False,
+    )
+    assert offline.returncode == 3 and "upload to someone/mplug-test failed" in offline.stderr
+    assert "uploaded to" not in offline.stdout
