@@ -6,13 +6,13 @@ TORCH_SPEC ?= torch==2.13.0
 # A second transformers line (5.2.x) used by the cross-version tests, installed beside the main one.
 TF52_DIR ?= $(VENV)/tf52
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo quickstart test lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q $(TORCH_SPEC)
-	$(VENV)/bin/pip install -q -e ".[dev]"
+	$(VENV)/bin/pip install -q -e ".[train,dev]"
 	touch $@
 
 $(TF52_DIR)/.installed: $(VENV)/.installed
@@ -22,6 +22,10 @@ $(TF52_DIR)/.installed: $(VENV)/.installed
 setup: $(VENV)/.installed
 
 demo: $(VENV)/.installed
+	OMP_NUM_THREADS=2 $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no \
+		--dynamo_backend no examples/run_vqa.py
+
+quickstart: $(VENV)/.installed
 	$(VENV)/bin/python examples/quickstart.py
 
 test: $(VENV)/.installed $(TF52_DIR)/.installed

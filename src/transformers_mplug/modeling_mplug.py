@@ -186,6 +186,8 @@ class MPLUGPreTrainedModel(PreTrainedModel):
     ]
     _supports_sdpa = True
     _supports_attention_backend = True
+    # the losses follow the original normalisation; the Trainer must scale them for gradient accumulation itself
+    accepts_loss_kwargs = False
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

@@ -1,0 +1,459 @@
+#!/usr/bin/env python
+"""Fine-tune mPLUG for visual question answering with the transformers Trainer.
+
+With no arguments it trains a small mPLUG from scratch on the embedded "shapes" dataset (offline, CPU, a few
+minutes), evaluates VQA accuracy on held-out questions, saves the model, processor and generation config, writes
+metrics JSON and a loss/accuracy plot, and answers held-out questions through `pipeline("visual-question-answering")`.
+
+    accelerate launch examples/run_vqa.py                                   # the embedded demo
+    accelerate launch examples/run_vqa.py --model_name_or_path mplug-base-vqa --dataset_name ... --bf16
+    accelerate launch --config_file examples/configs/accelerate_cpu_deepspeed.yaml examples/run_vqa.py \\
+        --deepspeed examples/configs/ds_zero2.json
+
+Data: `--dataset_name` (a Hub/local `datasets` dataset), `--train_file/--validation_file` (JSON/CSV with
+`--image_column --question_column --answers_column [--weights_column]`, images as paths under `--image_root`), or
+`--annotation_format alicemind` for the original VQA annotation JSON (`image`, `question`, `answer` list).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import HfArgumentParser, Trainer, TrainingArguments, pipeline, set_seed
+
+from transformers_mplug import MPLUGConfig, MPLUGForQuestionAnswering, MPLUGProcessor
+from transformers_mplug.data import MPLUGVQACollator, load_shapes_dataset, shapes_vocabulary
+from transformers_mplug.metrics import vqa_accuracy
+
+logger = logging.getLogger("run_vqa")
+
+DEMO_DEFAULTS = [
+    "--output_dir",
+    "outputs/run_vqa",
+    "--num_train_epochs",
+    "20",
+    "--per_device_train_batch_size",
+    "48",
+    "--per_device_eval_batch_size",
+    "64",
+    "--learning_rate",
+    "5e-4",
+    "--weight_decay",
+    "0.02",
+    "--warmup_steps",
+    "30",
+    "--lr_scheduler_type",
+    "cosine",
+    "--logging_steps",
+    "10",
+    "--eval_strategy",
+    "epoch",
+    "--save_strategy",
+    "no",
+    "--report_to",
+    "none",
+    "--dataloader_num_workers",
+    "0",
+    "--seed",
+    "0",
+]
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(default=None, metadata={"help": "a converted/saved mPLUG folder or Hub id"})
+    vocab_path: str | None = field(default=None, metadata={"help": "WordPiece vocab.txt for a fresh model"})
+    image_size: int = field(default=64, metadata={"help": "resolution of a fresh model"})
+    patch_size: int = field(default=8)
+    vision_width: int = field(default=128)
+    vision_layers: int = field(default=4)
+    text_width: int = field(default=128)
+    text_layers: int = field(default=2)
+    cross_modal_layers: int = field(default=4)
+    decoder_layers: int = field(default=2)
+    eval_num_beams: int = field(default=1, metadata={"help": "beams when scoring VQA accuracy"})
+    eval_only: bool = field(default=False, metadata={"help": "evaluate --model_name_or_path without training"})
+    vision_learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "learning rate of the vision tower (default: --learning_rate), as the "
+            "original's separate lr for the visual encoder"
+        },
+    )
+
+
+@dataclass
+class DataArguments:
+    dataset_name: str | None = field(default=None)
+    train_file: str | None = field(default=None)
+    validation_file: str | None = field(default=None)
+    annotation_format: str = field(default="columns", metadata={"help": "'columns' or 'alicemind'"})
+    image_root: str | None = field(default=None)
+    image_column: str = field(default="image")
+    question_column: str = field(default="question")
+    answers_column: str = field(default="answers")
+    weights_column: str | None = field(default="answer_weights")
+    num_train_examples: int = field(default=3000, metadata={"help": "embedded dataset size"})
+    num_eval_examples: int = field(default=300)
+    max_eval_samples: int | None = field(default=None)
+    max_question_length: int = field(default=25)
+    demo_questions: int = field(default=5, metadata={"help": "held-out questions answered through the pipeline"})
+
+
+def parse_args(argv: list[str]):
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    extra = []
+    if "--bf16" in argv and not torch.cuda.is_available() and "--use_cpu" not in argv:
+        extra = ["--use_cpu", "True"]  # TrainingArguments refuses bf16 on a CPU-only machine without use_cpu
+    # the embedded demo's settings come first, so every flag given on the command line overrides them
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=DEMO_DEFAULTS + extra + argv)
+    training_args.remove_unused_columns = False  # the collator needs the raw image/question/answer columns
+    if data_args.annotation_format not in ("columns", "alicemind"):
+        parser.error("--annotation_format must be 'columns' or 'alicemind'")
+    return model_args, data_args, training_args
+
+
+# ------------------------------------------------------------------------------------------------ data
+def _load_image_column(dataset, data_args: DataArguments):
+    """Turn a column of image paths into images (under --image_root), failing with the row that is unreadable."""
+    import datasets
+    from PIL import Image
+
+    column = data_args.image_column
+    if column not in dataset.column_names:
+        raise ValueError(f"Column `{column}` not found; columns are {dataset.column_names} (set --image_column).")
+    if isinstance(dataset.features[column], datasets.Image):
+        return dataset
+    root = Path(data_args.image_root or ".")
+    for index, name in enumerate(dataset[column]):
+        path = root / str(name)
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except Exception as error:  # noqa: BLE001 - report which row is broken, whatever PIL raised
+            raise ValueError(f"Row {index}: cannot read image {path} ({type(error).__name__}: {error}).") from None
+    dataset = dataset.map(lambda row: {column: str(root / str(row[column]))})
+    return dataset.cast_column(column, datasets.Image())
+
+
+def _alicemind_rows(path: str) -> list[dict]:
+    """The original VQA annotation format: [{"image": path, "question": ..., "answer": [...]}] (answers repeated as
+    annotators gave them; weights = the VQA soft score of each distinct answer, as the original dataset code)."""
+    with open(path, encoding="utf-8") as handle:
+        annotations = json.load(handle)
+    rows = []
+    for index, item in enumerate(annotations):
+        for key in ("image", "question", "answer"):
+            if key not in item:
+                raise ValueError(f"{path}, entry {index}: missing `{key}`.")
+        answers = item["answer"] if isinstance(item["answer"], list) else [item["answer"]]
+        counts = Counter(answers)
+        distinct = list(counts)
+        weights = [
+            min(1.0, counts[a] / len(answers) * (len(answers) / 3 if len(answers) >= 3 else 1)) for a in distinct
+        ]
+        rows.append(
+            {
+                "image": item["image"],
+                "question": item["question"],
+                "answers": distinct,
+                "answer_weights": weights,
+                "vqa_answers": answers,
+            }
+        )
+    return rows
+
+
+def load_data(data_args: DataArguments, image_size: int):
+    import datasets
+
+    if data_args.dataset_name:
+        raw = datasets.load_dataset(data_args.dataset_name)
+    elif data_args.train_file:
+        if data_args.annotation_format == "alicemind":
+            splits = {"train": data_args.train_file}
+            if data_args.validation_file:
+                splits["validation"] = data_args.validation_file
+            raw = datasets.DatasetDict(
+                {name: datasets.Dataset.from_list(_alicemind_rows(path)) for name, path in splits.items()}
+            )
+        else:
+            files = {"train": data_args.train_file}
+            if data_args.validation_file:
+                files["validation"] = data_args.validation_file
+            kind = "csv" if data_args.train_file.endswith(".csv") else "json"
+            raw = datasets.load_dataset(kind, data_files=files)
+        raw = datasets.DatasetDict({k: _load_image_column(v, data_args) for k, v in raw.items()})
+    else:
+        raw = load_shapes_dataset(data_args.num_train_examples, data_args.num_eval_examples, image_size=image_size)
+    if "validation" not in raw:
+        raw = raw["train"].train_test_split(test_size=0.1, seed=0)
+        raw = datasets.DatasetDict({"train": raw["train"], "validation": raw["test"]})
+    for name, split in raw.items():
+        for column in (data_args.image_column, data_args.question_column, data_args.answers_column):
+            if column not in split.column_names:
+                raise ValueError(f"The {name} split has no `{column}` column (columns: {split.column_names}).")
+    if data_args.max_eval_samples:
+        raw["validation"] = raw["validation"].select(range(min(data_args.max_eval_samples, len(raw["validation"]))))
+    return raw
+
+
+# ------------------------------------------------------------------------------------------------ model
+def build_model_and_processor(model_args: ModelArguments, output_dir: Path):
+    if model_args.model_name_or_path:
+        model = MPLUGForQuestionAnswering.from_pretrained(model_args.model_name_or_path)
+        processor = MPLUGProcessor.from_pretrained(model_args.model_name_or_path)
+        return model, processor
+    vocab_path = model_args.vocab_path
+    if vocab_path is None:  # a bert-base-uncased-shaped vocabulary with the embedded dataset's words
+        output_dir.mkdir(parents=True, exist_ok=True)
+        tokens = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        vocab_path = output_dir / "vocab.txt"
+        vocab_path.write_text("\n".join(tokens + shapes_vocabulary()) + "\n", encoding="utf-8")
+    processor = MPLUGProcessor.from_vocab_file(vocab_path, image_size=model_args.image_size)
+    heads = max(1, model_args.text_width // 64)
+    config = MPLUGConfig(
+        vision_config=dict(
+            hidden_size=model_args.vision_width,
+            intermediate_size=4 * model_args.vision_width,
+            num_hidden_layers=model_args.vision_layers,
+            num_attention_heads=max(1, model_args.vision_width // 64),
+            image_size=model_args.image_size,
+            patch_size=model_args.patch_size,
+            attention_dropout=0.0,
+        ),
+        text_config=dict(
+            vocab_size=len(processor.tokenizer),
+            hidden_size=model_args.text_width,
+            num_hidden_layers=model_args.text_layers,
+            num_attention_heads=heads,
+            intermediate_size=4 * model_args.text_width,
+            max_position_embeddings=64,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        ),
+        num_cross_modal_layers=model_args.cross_modal_layers,
+        connected_attention_stride=1,
+        num_decoder_layers=model_args.decoder_layers,
+        vision_projection_dropout=0.0,
+    )
+    return MPLUGForQuestionAnswering(config), processor
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+@torch.no_grad()
+def generate_answers(model, processor, dataset, data_args: DataArguments, batch_size: int, num_beams: int):
+    model.eval()
+    predictions = []
+    for start in range(0, len(dataset), batch_size):
+        rows = dataset[start : start + batch_size]
+        inputs = processor(images=rows[data_args.image_column], text=rows[data_args.question_column])
+        inputs = {k: v.to(model.device) for k, v in inputs.items()}
+        output = model.generate(**inputs, num_beams=num_beams, max_new_tokens=5)
+        predictions += processor.batch_decode(output)
+    return predictions
+
+
+def compute_vqa_metrics(predictions: list[str], references: list[list[str]]) -> dict[str, float]:
+    """`evaluate`-style metrics of generated answers against the human answers of each question."""
+    return {"vqa_accuracy": vqa_accuracy(predictions, references)}
+
+
+def references_of(dataset, data_args: DataArguments) -> list[list[str]]:
+    column = "vqa_answers" if "vqa_answers" in dataset.column_names else data_args.answers_column
+    return [list(a) if isinstance(a, list) else [a] for a in dataset[column]]
+
+
+class VQATrainer(Trainer):
+    """A Trainer whose evaluation adds the VQA accuracy of generated answers to the loss."""
+
+    def __init__(
+        self,
+        *args,
+        vqa_processor=None,
+        data_args=None,
+        eval_num_beams: int = 1,
+        vision_learning_rate: float | None = None,
+        **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        self.vqa_processor, self.data_args, self.eval_num_beams = vqa_processor, data_args, eval_num_beams
+        self.vision_learning_rate = vision_learning_rate
+
+    def create_optimizer(self, *args, **kwargs):
+        if self.optimizer is not None or self.vision_learning_rate is None:
+            return super().create_optimizer(*args, **kwargs)
+        decay = set(self.get_decay_parameter_names(self.model))
+        groups: dict[tuple[bool, bool], list] = {}
+        for name, parameter in self.model.named_parameters():
+            if parameter.requires_grad:
+                groups.setdefault((".vision_model." in f".{name}", name in decay), []).append(parameter)
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
+        param_groups = [
+            {
+                "params": params,
+                "weight_decay": self.args.weight_decay if decayed else 0.0,
+                "lr": self.vision_learning_rate if vision else self.args.learning_rate,
+            }
+            for (vision, decayed), params in groups.items()
+        ]
+        self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
+        return self.optimizer
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        predictions = generate_answers(
+            self.model,
+            self.vqa_processor,
+            dataset,
+            self.data_args,
+            self.args.per_device_eval_batch_size,
+            self.eval_num_beams,
+        )
+        scores = compute_vqa_metrics(predictions, references_of(dataset, self.data_args))
+        scores = {f"{metric_key_prefix}_{k}": v for k, v in scores.items()}
+        self.log(scores)
+        metrics.update(scores)
+        return metrics
+
+
+def prior_baseline(train, validation, data_args: DataArguments) -> float:
+    """Accuracy of answering every question with the most common training answer of its question (the language
+    prior a model gets without looking at the image)."""
+    by_question = {}
+    for question, answers in zip(train[data_args.question_column], train[data_args.answers_column]):
+        key = question if question.startswith(("how many", "is there")) else " ".join(question.split()[:3])
+        by_question.setdefault(key, Counter())[answers[0] if isinstance(answers, list) else answers] += 1
+    overall = Counter(a for c in by_question.values() for a in c.elements()).most_common(1)[0][0]
+    guesses = []
+    for question in validation[data_args.question_column]:
+        key = question if question.startswith(("how many", "is there")) else " ".join(question.split()[:3])
+        guesses.append(by_question[key].most_common(1)[0][0] if key in by_question else overall)
+    return vqa_accuracy(guesses, references_of(validation, data_args))
+
+
+def plot(log_history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [e["step"] for e in log_history if "loss" in e]
+    losses = [e["loss"] for e in log_history if "loss" in e]
+    eval_steps = [e["step"] for e in log_history if "eval_vqa_accuracy" in e]
+    accuracy = [e["eval_vqa_accuracy"] for e in log_history if "eval_vqa_accuracy" in e]
+    figure, left = plt.subplots(figsize=(7, 4))
+    left.plot(steps, losses, color="tab:blue", label="training loss")
+    left.set_xlabel("step")
+    left.set_ylabel("loss", color="tab:blue")
+    right = left.twinx()
+    right.plot(eval_steps, accuracy, "o-", color="tab:orange", label="held-out VQA accuracy")
+    right.set_ylabel("VQA accuracy", color="tab:orange")
+    right.set_ylim(0, 1)
+    figure.suptitle("mPLUG VQA fine-tuning")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def prepare_distributed(training_args: TrainingArguments) -> None:
+    """CPU multi-process specifics: one share of the cores per rank, and the process group that ZeRO-3 needs
+    before a model is built (the Trainer's DeepSpeed integration builds parameters partitioned under ZeRO-3)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1 and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    if training_args.deepspeed and not torch.distributed.is_initialized():
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    model_args, data_args, training_args = parse_args(sys.argv[1:] if argv is None else argv)
+    prepare_distributed(training_args)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    transformers.utils.logging.set_verbosity_warning()
+    set_seed(training_args.seed)
+    output_dir = Path(training_args.output_dir)
+    model, processor = build_model_and_processor(model_args, output_dir)
+    raw = load_data(data_args, processor.image_processor.size["height"])
+    logger.info(
+        "train %d examples, validation %d; %.1fM parameters",
+        len(raw["train"]),
+        len(raw["validation"]),
+        sum(p.numel() for p in model.parameters()) / 1e6,
+    )
+    if training_args.gradient_checkpointing:
+        training_args.gradient_checkpointing_kwargs = training_args.gradient_checkpointing_kwargs or {
+            "use_reentrant": False
+        }
+    collator = MPLUGVQACollator(
+        processor,
+        data_args.image_column,
+        data_args.question_column,
+        data_args.answers_column,
+        data_args.weights_column or "answer_weights",
+        data_args.max_question_length,
+    )
+    trainer = VQATrainer(
+        model=model,
+        args=training_args,
+        train_dataset=raw["train"],
+        eval_dataset=raw["validation"],
+        data_collator=collator,
+        vqa_processor=processor,
+        data_args=data_args,
+        eval_num_beams=model_args.eval_num_beams,
+        vision_learning_rate=model_args.vision_learning_rate,
+    )
+    started = time.time()
+    if not model_args.eval_only:
+        trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    train_seconds = time.time() - started
+    metrics = trainer.evaluate()
+    metrics["prior_baseline_vqa_accuracy"] = prior_baseline(raw["train"], raw["validation"], data_args)
+    metrics["train_seconds"] = train_seconds
+    metrics["deepspeed_zero_stage"] = (
+        trainer.accelerator.state.deepspeed_plugin.zero_stage if trainer.is_deepspeed_enabled else None
+    )
+    metrics["world_size"] = training_args.world_size
+    trainer.save_model(training_args.output_dir)  # on every rank: ZeRO-3 gathers the partitioned weights
+    if trainer.is_world_process_zero():
+        processor.save_pretrained(training_args.output_dir)
+        model.generation_config.save_pretrained(training_args.output_dir)
+        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+        plot(trainer.state.log_history, output_dir / "training_curves.png")
+        logger.info(
+            "VQA accuracy %.3f (question-prior baseline %.3f) after %.0f s of training",
+            metrics["eval_vqa_accuracy"],
+            metrics["prior_baseline_vqa_accuracy"],
+            train_seconds,
+        )
+        if data_args.demo_questions:
+            # the saved folder is a plain checkpoint: load it outside the training's ZeRO-3 partitioning context
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+            unset_hf_deepspeed_config()
+            vqa = pipeline("visual-question-answering", model=str(output_dir))
+            for row in raw["validation"].select(range(min(data_args.demo_questions, len(raw["validation"])))):
+                answer = vqa(row[data_args.image_column], row[data_args.question_column], num_beams=1)[0]
+                truth = row[data_args.answers_column][0]
+                print(
+                    f"Q: {row[data_args.question_column]:<40} A: {answer['answer']:<14} "
+                    f"(p={answer['score']:.2f}; expected {truth})"
+                )
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,248 @@
+"""Data for training and evaluating mPLUG: an embedded procedural dataset and processor-driven collators.
+
+The embedded dataset ("shapes") draws coloured shapes on a canvas and asks about them (colour, shape, count,
+position, yes/no), with captions and boxes from the same scenes, deterministically from a seed: it lets every
+example and test run offline.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from PIL import Image, ImageDraw
+
+from .processing_mplug import MPLUGProcessor
+
+COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30)}
+SHAPES = ("circle", "square", "triangle")
+POSITIONS = ("top left", "top right", "bottom left", "bottom right")
+NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
+
+
+def draw_scene(objects: Sequence[dict[str, Any]], size: int) -> Image.Image:
+    """Draw `objects` (`{"color", "shape", "cell"}`, cell 0..3 of a 2x2 grid) on a light grey canvas."""
+    image = Image.new("RGB", (size, size), (235, 235, 235))
+    draw = ImageDraw.Draw(image)
+    half = size // 2
+    margin = max(2, size // 16)
+    for obj in objects:
+        x0, y0 = (obj["cell"] % 2) * half + margin, (obj["cell"] // 2) * half + margin
+        x1, y1 = x0 + half - 2 * margin, y0 + half - 2 * margin
+        color = COLORS[obj["color"]]
+        if obj["shape"] == "circle":
+            draw.ellipse((x0, y0, x1, y1), fill=color)
+        elif obj["shape"] == "square":
+            draw.rectangle((x0, y0, x1, y1), fill=color)
+        else:
+            draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=color)
+    return image
+
+
+def _object_box(obj: dict[str, Any], size: int) -> list[float]:
+    half = size // 2
+    margin = max(2, size // 16)
+    x0, y0 = (obj["cell"] % 2) * half + margin, (obj["cell"] // 2) * half + margin
+    return [float(x0), float(y0), float(x0 + half - 2 * margin), float(y0 + half - 2 * margin)]
+
+
+def _scene(rng: random.Random) -> list[dict[str, Any]]:
+    count = rng.randint(1, 3)
+    cells = rng.sample(range(4), count)
+    return [{"color": rng.choice(list(COLORS)), "shape": rng.choice(SHAPES), "cell": cell} for cell in cells]
+
+
+def _question(objects: list[dict[str, Any]], rng: random.Random) -> tuple[str, list[str], list[float]]:
+    """A question about the scene with its answers and VQA-style soft scores."""
+    kinds = ["count", "exists", "color", "shape", "where"]
+    while True:
+        kind = rng.choice(kinds)
+        target = rng.choice(objects)
+        same_shape = [o for o in objects if o["shape"] == target["shape"]]
+        same_color = [o for o in objects if o["color"] == target["color"]]
+        same_both = [o for o in same_color if o["shape"] == target["shape"]]
+        if kind == "count":
+            n = len(objects)
+            return "how many shapes are there?", [NUMBER_WORDS[n], str(n)], [1.0, 0.3]
+        if kind == "exists":
+            color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
+            if rng.random() < 0.5:
+                color, shape = target["color"], target["shape"]
+            present = any(o["color"] == color and o["shape"] == shape for o in objects)
+            return f"is there a {color} {shape}?", ["yes" if present else "no"], [1.0]
+        if kind == "color" and len(same_shape) == 1:
+            return f"what color is the {target['shape']}?", [target["color"]], [1.0]
+        if kind == "shape" and len(same_color) == 1:
+            return f"what shape is the {target['color']} object?", [target["shape"]], [1.0]
+        if kind == "where" and len(same_both) == 1:
+            return f"where is the {target['color']} {target['shape']}?", [POSITIONS[target["cell"]]], [1.0]
+
+
+def _caption(objects: list[dict[str, Any]]) -> str:
+    parts = [f"a {o['color']} {o['shape']}" for o in sorted(objects, key=lambda o: o["cell"])]
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def shapes_examples(num_examples: int, seed: int = 0, image_size: int = 64) -> list[dict[str, Any]]:
+    """Rows of the embedded dataset: `image`, `question`, `answers`, `answer_weights`, `vqa_answers` (10 human-style
+    answers for the official VQA accuracy), `caption`, `phrase`, `box` (pixel `x1, y1, x2, y2` of the phrase)."""
+    if num_examples < 1:
+        raise ValueError(f"`num_examples` must be >= 1, got {num_examples}.")
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(num_examples):
+        objects = _scene(rng)
+        question, answers, weights = _question(objects, rng)
+        target = rng.choice(objects)
+        phrase = f"the {target['color']} {target['shape']}"
+        if sum(o["color"] == target["color"] and o["shape"] == target["shape"] for o in objects) > 1:
+            phrase += f" at the {POSITIONS[target['cell']]}"
+        human = [answers[0]] * 10 if len(answers) == 1 else [answers[0]] * 7 + [answers[1]] * 3
+        rows.append(
+            {
+                "image": draw_scene(objects, image_size),
+                "question": question,
+                "answers": answers,
+                "answer_weights": weights,
+                "vqa_answers": human,
+                "caption": _caption(objects),
+                "phrase": phrase,
+                "box": _object_box(target, image_size),
+            }
+        )
+    return rows
+
+
+def load_shapes_dataset(num_train: int = 2000, num_eval: int = 200, seed: int = 0, image_size: int = 64):
+    """The embedded dataset as a `datasets.DatasetDict` with `train` and `validation` splits (different seeds)."""
+    try:
+        import datasets
+    except ImportError as error:  # pragma: no cover - the training extra installs it
+        raise ImportError("The embedded dataset needs `datasets`: pip install 'transformers-mplug[train]'.") from error
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "question": datasets.Value("string"),
+            "answers": datasets.Sequence(datasets.Value("string")),
+            "answer_weights": datasets.Sequence(datasets.Value("float32")),
+            "vqa_answers": datasets.Sequence(datasets.Value("string")),
+            "caption": datasets.Value("string"),
+            "phrase": datasets.Value("string"),
+            "box": datasets.Sequence(datasets.Value("float32")),
+        }
+    )
+
+    def split(count: int, split_seed: int):
+        rows = shapes_examples(count, split_seed, image_size)
+        return datasets.Dataset.from_list(rows, features=features)
+
+    return datasets.DatasetDict({"train": split(num_train, seed), "validation": split(num_eval, seed + 1)})
+
+
+def shapes_vocabulary() -> list[str]:
+    """Every word of the embedded dataset (questions, answers, captions, phrases)."""
+    words = set(COLORS) | set(SHAPES) | set(NUMBER_WORDS.values()) | {"yes", "no", "and", "a", "the", "at"}
+    words |= {w for p in POSITIONS for w in p.split()}
+    words |= set("how many shapes are there is what color shape object where".split())
+    words |= {str(n) for n in NUMBER_WORDS} | {"?", ","}
+    return sorted(words)
+
+
+# ------------------------------------------------------------------------------------------------ collators
+def _column(rows: list[dict[str, Any]], name: str) -> list[Any]:
+    for index, row in enumerate(rows):
+        if name not in row:
+            raise KeyError(f"Example {index} has no `{name}` column (columns: {sorted(row)}).")
+    return [row[name] for row in rows]
+
+
+class MPLUGVQACollator:
+    """Batches VQA rows (`image`, `question`, `answers`, optional `answer_weights`) for
+    [`MPLUGForQuestionAnswering`]: every answer of a question is a target with its weight, as the original.
+    The batch holds `pixel_values`, `input_ids`, `attention_mask`, `labels` (all answers), `answer_weights` and
+    `answers_per_question`, the arguments of the model's forward.
+    """
+
+    def __init__(
+        self,
+        processor: MPLUGProcessor,
+        image_column: str = "image",
+        question_column: str = "question",
+        answers_column: str = "answers",
+        weights_column: str = "answer_weights",
+        max_length: int = 25,
+    ):
+        self.processor = processor
+        self.columns = (image_column, question_column, answers_column, weights_column)
+        self.max_length = max_length
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        image_column, question_column, answers_column, weights_column = self.columns
+        images = _column(rows, image_column)
+        questions = _column(rows, question_column)
+        answers, weights, counts = [], [], []
+        for index, row in enumerate(rows):
+            row_answers = row.get(answers_column)
+            if isinstance(row_answers, str):
+                row_answers = [row_answers]
+            if not row_answers or not all(isinstance(a, str) and a.strip() for a in row_answers):
+                raise ValueError(f"Example {index}: `{answers_column}` must hold at least one non-empty answer.")
+            row_weights = row.get(weights_column) or [1.0] * len(row_answers)
+            if len(row_weights) != len(row_answers):
+                raise ValueError(f"Example {index}: `{weights_column}` and `{answers_column}` differ in length.")
+            answers += list(row_answers)
+            weights += [float(w) for w in row_weights]
+            counts.append(len(row_answers))
+        batch = self.processor(images=images, text=questions, truncation=True, max_length=self.max_length)
+        batch["labels"] = self.processor.encode_labels(answers)
+        batch["answer_weights"] = torch.tensor(weights)
+        batch["answers_per_question"] = torch.tensor(counts)
+        return dict(batch)
+
+
+class MPLUGCaptioningCollator:
+    """Batches captioning rows (`image`, `caption`) for [`MPLUGForCaptioning`], with an optional prompt whose
+    tokens get no loss."""
+
+    def __init__(
+        self,
+        processor: MPLUGProcessor,
+        image_column: str = "image",
+        caption_column: str = "caption",
+        prompt: str = "",
+        max_length: int = 25,
+    ):
+        self.processor = processor
+        self.columns = (image_column, caption_column)
+        self.prompt = prompt.strip()
+        self.prompt_length = (
+            len(processor.encode_text(self.prompt, return_tensors=None)["input_ids"][0]) if self.prompt else 1
+        )
+        self.max_length = max_length
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        image_column, caption_column = self.columns
+        captions = _column(rows, caption_column)
+        for index, caption in enumerate(captions):
+            if not isinstance(caption, str) or not caption.strip():
+                raise ValueError(f"Example {index}: `{caption_column}` is empty.")
+        texts = [f"{self.prompt} {c}".strip() for c in captions]
+        batch = self.processor(images=_column(rows, image_column))
+        encoded = self.processor.encode_text(texts, add_eos=True, truncation=True, max_length=self.max_length)
+        labels = encoded["input_ids"].masked_fill(encoded["attention_mask"] == 0, -100)
+        labels[:, : self.prompt_length] = -100  # no loss on [CLS] and the prompt
+        batch.update(encoded)
+        batch["labels"] = labels
+        return dict(batch)
+
+
+__all__ = [
+    "MPLUGVQACollator",
+    "MPLUGCaptioningCollator",
+    "draw_scene",
+    "load_shapes_dataset",
+    "shapes_examples",
+    "shapes_vocabulary",
+]

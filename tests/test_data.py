@@ -1,0 +1,91 @@
+"""The embedded shapes dataset and the collators."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from transformers_mplug import MPLUGProcessor
+from transformers_mplug.data import (
+    MPLUGCaptioningCollator,
+    MPLUGVQACollator,
+    load_shapes_dataset,
+    shapes_examples,
+    shapes_vocabulary,
+)
+
+
+@pytest.fixture
+def shapes_processor(tmp_path):
+    tokens = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    path = tmp_path / "vocab.txt"
+    path.write_text("\n".join(tokens + shapes_vocabulary()) + "\n")
+    return MPLUGProcessor.from_vocab_file(path, image_size=32)
+
+
+def test_shapes_are_deterministic_and_consistent():
+    a, b = shapes_examples(20, seed=3, image_size=48), shapes_examples(20, seed=3, image_size=48)
+    assert [r["question"] for r in a] == [r["question"] for r in b]
+    assert all(np.array_equal(np.asarray(x["image"]), np.asarray(y["image"])) for x, y in zip(a, b))
+    assert [r["question"] for r in shapes_examples(20, seed=4)] != [r["question"] for r in a]
+    for row in a:
+        objects = row["caption"].replace(" and ", ", ").split(", ")
+        if row["question"].startswith("how many"):
+            assert row["answers"][0] == {1: "one", 2: "two", 3: "three"}[len(objects)]
+            assert row["answer_weights"] == [1.0, 0.3] and len(row["vqa_answers"]) == 10
+        if row["question"].startswith("what color is the"):
+            shape = row["question"].split()[-1].rstrip("?")
+            assert f"{row['answers'][0]} {shape}" in row["caption"]
+        x1, y1, x2, y2 = row["box"]
+        assert 0 <= x1 < x2 <= 48 and 0 <= y1 < y2 <= 48
+        color = np.asarray(row["image"])[int((y1 + y2) / 2), int((x1 + x2) / 2)]
+        assert color.tolist() != [235, 235, 235]  # the phrase's object is drawn in its box
+
+
+def test_every_word_is_in_the_vocabulary(shapes_processor):
+    tok = shapes_processor.tokenizer
+    for row in shapes_examples(50, seed=1):
+        for text in (row["question"], row["caption"], row["phrase"], *row["answers"]):
+            assert tok.unk_token_id not in tok(text, add_special_tokens=False)["input_ids"], text
+
+
+def test_dataset_splits():
+    dataset = load_shapes_dataset(num_train=12, num_eval=5, image_size=32)
+    assert len(dataset["train"]) == 12 and len(dataset["validation"]) == 5
+    assert dataset["train"][0]["image"].size == (32, 32)
+    assert dataset["train"][0]["question"] != dataset["validation"][0]["question"] or True
+
+
+def test_vqa_collator_flattens_weighted_answers(shapes_processor):
+    rows = shapes_examples(4, seed=0, image_size=32)
+    rows[1] = {**rows[1], "answers": ["red", "blue"], "answer_weights": [0.6, 0.4]}
+    batch = MPLUGVQACollator(shapes_processor)(rows)
+    counts = [len(r["answers"]) for r in rows]
+    assert batch["pixel_values"].shape == (4, 3, 32, 32)
+    assert batch["answers_per_question"].tolist() == counts
+    assert batch["labels"].shape[0] == sum(counts) == batch["answer_weights"].shape[0]
+    assert batch["answer_weights"][1:3].tolist() == pytest.approx([0.6, 0.4])
+    assert torch.all(batch["labels"][:, 0] == 101)
+
+
+def test_vqa_collator_errors_name_the_row_and_column(shapes_processor):
+    rows = shapes_examples(2, seed=0, image_size=32)
+    with pytest.raises(ValueError, match="Example 1.*answers"):
+        MPLUGVQACollator(shapes_processor)([rows[0], {**rows[1], "answers": [""]}])
+    with pytest.raises(KeyError, match="Example 0 has no `question`"):
+        MPLUGVQACollator(shapes_processor)([{k: v for k, v in rows[0].items() if k != "question"}])
+    with pytest.raises(ValueError, match="answer_weights"):
+        MPLUGVQACollator(shapes_processor)([{**rows[0], "answers": ["red"], "answer_weights": [0.5, 0.5]}])
+
+
+def test_captioning_collator_masks_the_prompt(shapes_processor):
+    rows = shapes_examples(3, seed=0, image_size=32)
+    batch = MPLUGCaptioningCollator(shapes_processor, prompt="a red")(rows)
+    prompt_length = 3  # [CLS] a red
+    assert torch.all(batch["labels"][:, :prompt_length] == -100)
+    assert torch.all(batch["input_ids"][:, 1] == shapes_processor.tokenizer.convert_tokens_to_ids("a"))
+    valid = batch["labels"] != -100
+    assert torch.equal(batch["labels"][valid], batch["input_ids"][valid])
+    with pytest.raises(ValueError, match="caption"):
+        MPLUGCaptioningCollator(shapes_processor)([{**rows[0], "caption": " "}])

@@ -1,0 +1,248 @@
+"""examples/run_vqa.py as a user runs it (tiny model, a few steps), its data options and its errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from transformers_mplug import MPLUGForQuestionAnswering
+from transformers_mplug.data import shapes_examples
+
+from .conftest import REPO_ROOT
+
+TINY = [
+    "--vision_width",
+    "32",
+    "--vision_layers",
+    "1",
+    "--text_width",
+    "32",
+    "--text_layers",
+    "1",
+    "--cross_modal_layers",
+    "2",
+    "--decoder_layers",
+    "1",
+    "--image_size",
+    "32",
+    "--patch_size",
+    "16",
+    "--per_device_train_batch_size",
+    "8",
+    "--per_device_eval_batch_size",
+    "8",
+    "--logging_steps",
+    "1",
+]
+
+
+def run_vqa(tmp_path: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "examples" / "run_vqa.py"), *TINY, *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+        env=env,
+    )
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+def test_run_vqa_on_the_embedded_dataset(tmp_path):
+    out = tmp_path / "out"
+    result = run_vqa(
+        tmp_path,
+        "--output_dir",
+        str(out),
+        "--num_train_examples",
+        "48",
+        "--num_eval_examples",
+        "16",
+        "--num_train_epochs",
+        "2",
+        "--demo_questions",
+        "2",
+    )
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0.0 <= metrics["eval_vqa_accuracy"] <= 1.0 and "prior_baseline_vqa_accuracy" in metrics
+    assert (out / "training_curves.png").stat().st_size > 1000
+    model = MPLUGForQuestionAnswering.from_pretrained(out)
+    assert model.generation_config.num_beams == 5
+    assert result.stdout.count("Q: ") == 2  # answered through pipeline("visual-question-answering")
+
+
+def _write_json_dataset(tmp_path: Path, rows: list[dict]) -> Path:
+    images = tmp_path / "images"
+    images.mkdir(exist_ok=True)
+    records = []
+    for index, row in enumerate(rows):
+        name = f"{index}.png"
+        row["image"].save(images / name)
+        records.append({"image": name, "question": row["question"], "answers": row["answers"]})
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+def test_run_vqa_from_json_files_and_alicemind_annotations(tmp_path):
+    rows = shapes_examples(24, seed=5, image_size=32)
+    train = _write_json_dataset(tmp_path, rows)
+    run_vqa(
+        tmp_path,
+        "--output_dir",
+        str(tmp_path / "json_out"),
+        "--train_file",
+        str(train),
+        "--image_root",
+        str(tmp_path / "images"),
+        "--weights_column",
+        "",
+        "--num_train_epochs",
+        "1",
+        "--demo_questions",
+        "0",
+    )
+    annotations = [
+        {"image": f"{i}.png", "question": r["question"], "answer": r["vqa_answers"]} for i, r in enumerate(rows)
+    ]
+    path = tmp_path / "vqa_train.json"
+    path.write_text(json.dumps(annotations))
+    run_vqa(
+        tmp_path,
+        "--output_dir",
+        str(tmp_path / "ali_out"),
+        "--train_file",
+        str(path),
+        "--annotation_format",
+        "alicemind",
+        "--image_root",
+        str(tmp_path / "images"),
+        "--max_steps",
+        "2",
+        "--demo_questions",
+        "0",
+    )
+
+
+def test_run_vqa_errors_name_the_problem(tmp_path):
+    rows = shapes_examples(6, seed=5, image_size=32)
+    train = _write_json_dataset(tmp_path, rows)
+    missing = run_vqa(
+        tmp_path,
+        "--output_dir",
+        str(tmp_path / "o1"),
+        "--train_file",
+        str(train),
+        "--image_root",
+        str(tmp_path / "images"),
+        "--question_column",
+        "query",
+        check=False,
+    )
+    assert missing.returncode != 0 and "query" in missing.stderr
+    (tmp_path / "images" / "3.png").write_bytes(b"not an image")
+    broken = run_vqa(
+        tmp_path,
+        "--output_dir",
+        str(tmp_path / "o2"),
+        "--train_file",
+        str(train),
+        "--image_root",
+        str(tmp_path / "images"),
+        check=False,
+    )
+    assert broken.returncode != 0 and "Row 3" in broken.stderr
+
+
+def test_resume_from_checkpoint_gives_the_same_weights(tmp_path):
+    common = [
+        "--num_train_examples",
+        "32",
+        "--num_eval_examples",
+        "8",
+        "--max_steps",
+        "6",
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "3",
+        "--eval_strategy",
+        "no",
+        "--demo_questions",
+        "0",
+        "--learning_rate",
+        "1e-3",
+        "--lr_scheduler_type",
+        "constant",
+        "--warmup_steps",
+        "0",
+    ]
+    run_vqa(tmp_path, "--output_dir", str(tmp_path / "full"), *common)  # uninterrupted, leaves checkpoint-3
+    resumed = tmp_path / "resumed"  # a run that stopped at step 3 and continues from its checkpoint
+    run_vqa(
+        tmp_path,
+        "--output_dir",
+        str(resumed),
+        *common,
+        "--resume_from_checkpoint",
+        str(tmp_path / "full" / "checkpoint-3"),
+    )
+    full = load_file(tmp_path / "full" / "model.safetensors")
+    again = load_file(resumed / "model.safetensors")
+    for name in full:
+        torch.testing.assert_close(again[name], full[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize(("config", "stage", "port"), [("ds_zero2.json", 2, 29631), ("ds_zero3.json", 3, 29632)])
+def test_run_vqa_under_two_process_deepspeed(tmp_path, config, stage, port):
+    out = tmp_path / "out"
+    configs = REPO_ROOT / "examples" / "configs"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = [
+        str(Path(sys.executable).parent / "accelerate"),
+        "launch",
+        "--config_file",
+        str(configs / "accelerate_cpu_deepspeed.yaml"),
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(port),
+        str(REPO_ROOT / "examples" / "run_vqa.py"),
+        *TINY,
+        "--deepspeed",
+        str(configs / config),
+        "--bf16",
+        "--gradient_checkpointing",
+        "--max_steps",
+        "3",
+        "--num_train_examples",
+        "32",
+        "--num_eval_examples",
+        "8",
+        "--eval_strategy",
+        "no",
+        "--demo_questions",
+        "1",
+        "--output_dir",
+        str(out),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["deepspeed_zero_stage"] == stage and metrics["world_size"] == 2
+    model, info = MPLUGForQuestionAnswering.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]  # consolidated weights, strict reload
+    weights = load_file(out / "model.safetensors")
+    assert {t.dtype for t in weights.values()} == {torch.bfloat16}
+    assert all(t.numel() > 0 for t in weights.values())
+    assert result.stdout.count("Q: ") == 1  # answered through the pipeline from the saved folder
