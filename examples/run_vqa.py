@@ -104,6 +104,10 @@ class DataArguments:
     weights_column: str | None = field(default="answer_weights")
     num_train_examples: int = field(default=3000, metadata={"help": "embedded dataset size"})
     num_eval_examples: int = field(default=300)
+    describe_questions: bool = field(
+        default=True, metadata={"help": "embedded dataset: also train on 'what is in the picture?' -> caption"}
+    )
+    describe_weight: float = field(default=1.0, metadata={"help": "loss weight of the describe rows"})
     max_eval_samples: int | None = field(default=None)
     max_question_length: int = field(default=25)
     demo_questions: int = field(default=5, metadata={"help": "held-out questions answered through the pipeline"})
@@ -147,7 +151,8 @@ def _load_image_column(dataset, data_args: DataArguments):
 
 def _alicemind_rows(path: str) -> list[dict]:
     """The original VQA annotation format: [{"image": path, "question": ..., "answer": [...]}] (answers repeated as
-    annotators gave them; weights = the VQA soft score of each distinct answer, as the original dataset code)."""
+    annotators gave them; optional `dataset`). Each distinct answer is a target weighted by its share of the list,
+    Visual Genome / GQA answers by 0.5, as the original `vqa_dataset.py` computes them."""
     with open(path, encoding="utf-8") as handle:
         annotations = json.load(handle)
     rows = []
@@ -156,11 +161,13 @@ def _alicemind_rows(path: str) -> list[dict]:
             if key not in item:
                 raise ValueError(f"{path}, entry {index}: missing `{key}`.")
         answers = item["answer"] if isinstance(item["answer"], list) else [item["answer"]]
+        if not answers or not all(isinstance(a, str) and a.strip() for a in answers):
+            raise ValueError(f"{path}, entry {index}: `answer` must hold non-empty strings.")
         counts = Counter(answers)
         distinct = list(counts)
-        weights = [
-            min(1.0, counts[a] / len(answers) * (len(answers) / 3 if len(answers) >= 3 else 1)) for a in distinct
-        ]
+        weights = [counts[a] / len(answers) for a in distinct]
+        if item.get("dataset") in ("vg", "gqa"):  # the original gives Visual Genome / GQA answers weight 0.5
+            distinct, weights = distinct[:1], [0.5]
         rows.append(
             {
                 "image": item["image"],
@@ -194,7 +201,13 @@ def load_data(data_args: DataArguments, image_size: int):
             raw = datasets.load_dataset(kind, data_files=files)
         raw = datasets.DatasetDict({k: _load_image_column(v, data_args) for k, v in raw.items()})
     else:
-        raw = load_shapes_dataset(data_args.num_train_examples, data_args.num_eval_examples, image_size=image_size)
+        raw = load_shapes_dataset(
+            data_args.num_train_examples,
+            data_args.num_eval_examples,
+            image_size=image_size,
+            describe=data_args.describe_questions,
+            describe_weight=data_args.describe_weight,
+        )
     if "validation" not in raw:
         raw = raw["train"].train_test_split(test_size=0.1, seed=0)
         raw = datasets.DatasetDict({"train": raw["train"], "validation": raw["test"]})

@@ -89,3 +89,26 @@ def test_captioning_collator_masks_the_prompt(shapes_processor):
     assert torch.equal(batch["labels"][valid], batch["input_ids"][valid])
     with pytest.raises(ValueError, match="caption"):
         MPLUGCaptioningCollator(shapes_processor)([{**rows[0], "caption": " "}])
+
+
+def test_describe_rows_only_in_training(shapes_processor):
+    plain = shapes_examples(5, seed=2)
+    described = shapes_examples(5, seed=2, describe=True)
+    assert len(described) == 10
+    assert [r["question"] for r in described[1::2]] == [r["question"] for r in plain]  # same scenes and questions
+    for row in described[::2]:
+        assert row["question"] == "what is in the picture?" and " at the " in row["answers"][0]
+        assert (
+            row["answers"][0]
+            .replace(" at the top left", "")
+            .replace(" at the top right", "")
+            .replace(" at the bottom left", "")
+            .replace(" at the bottom right", "")
+            == row["caption"]
+        )
+    assert shapes_examples(2, seed=2, describe=True, describe_weight=0.25)[0]["answer_weights"] == [0.25]
+    dataset = load_shapes_dataset(num_train=4, num_eval=3, image_size=32, describe=True)
+    assert len(dataset["train"]) == 8 and len(dataset["validation"]) == 3
+    assert "what is in the picture?" not in dataset["validation"]["question"]
+    batch = MPLUGVQACollator(shapes_processor)(described[:2])
+    assert shapes_processor.tokenizer.unk_token_id not in batch["labels"].flatten().tolist()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -203,9 +204,16 @@ def test_resume_from_checkpoint_gives_the_same_weights(tmp_path):
         torch.testing.assert_close(again[name], full[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize(("config", "stage", "port"), [("ds_zero2.json", 2, 29631), ("ds_zero3.json", 3, 29632)])
-def test_run_vqa_under_two_process_deepspeed(tmp_path, config, stage, port):
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.parametrize(("config", "stage"), [("ds_zero2.json", 2), ("ds_zero3.json", 3)])
+def test_run_vqa_under_two_process_deepspeed(tmp_path, config, stage):
     out = tmp_path / "out"
+    port = _free_port()
     configs = REPO_ROOT / "examples" / "configs"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     command = [
@@ -246,3 +254,26 @@ def test_run_vqa_under_two_process_deepspeed(tmp_path, config, stage, port):
     assert {t.dtype for t in weights.values()} == {torch.bfloat16}
     assert all(t.numel() > 0 for t in weights.values())
     assert result.stdout.count("Q: ") == 1  # answered through the pipeline from the saved folder
+
+
+def test_alicemind_answer_weights_follow_the_original(tmp_path):
+    sys.path.insert(0, str(REPO_ROOT / "examples"))
+    try:
+        import run_vqa
+    finally:
+        sys.path.pop(0)
+    path = tmp_path / "ann.json"
+    path.write_text(
+        json.dumps(
+            [
+                {"image": "a.jpg", "question": "what?", "answer": ["red"] * 6 + ["blue"] * 4, "dataset": "vqa"},
+                {"image": "b.jpg", "question": "where?", "answer": "left", "dataset": "vg"},
+            ]
+        )
+    )
+    rows = run_vqa._alicemind_rows(str(path))
+    assert rows[0]["answers"] == ["red", "blue"] and rows[0]["answer_weights"] == pytest.approx([0.6, 0.4])
+    assert rows[1]["answers"] == ["left"] and rows[1]["answer_weights"] == [0.5]
+    path.write_text(json.dumps([{"image": "a.jpg", "question": "what?", "answer": [""]}]))
+    with pytest.raises(ValueError, match="entry 0"):
+        run_vqa._alicemind_rows(str(path))

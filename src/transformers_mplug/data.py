@@ -80,14 +80,25 @@ def _question(objects: list[dict[str, Any]], rng: random.Random) -> tuple[str, l
             return f"where is the {target['color']} {target['shape']}?", [POSITIONS[target["cell"]]], [1.0]
 
 
-def _caption(objects: list[dict[str, Any]]) -> str:
-    parts = [f"a {o['color']} {o['shape']}" for o in sorted(objects, key=lambda o: o["cell"])]
+def _caption(objects: list[dict[str, Any]], positions: bool = False) -> str:
+    parts = [
+        f"a {o['color']} {o['shape']}" + (f" at the {POSITIONS[o['cell']]}" if positions else "")
+        for o in sorted(objects, key=lambda o: o["cell"])
+    ]
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-def shapes_examples(num_examples: int, seed: int = 0, image_size: int = 64) -> list[dict[str, Any]]:
+DESCRIBE_QUESTION = "what is in the picture?"
+
+
+def shapes_examples(
+    num_examples: int, seed: int = 0, image_size: int = 64, describe: bool = False, describe_weight: float = 1.0
+) -> list[dict[str, Any]]:
     """Rows of the embedded dataset: `image`, `question`, `answers`, `answer_weights`, `vqa_answers` (10 human-style
-    answers for the official VQA accuracy), `caption`, `phrase`, `box` (pixel `x1, y1, x2, y2` of the phrase)."""
+    answers for the official VQA accuracy), `caption`, `phrase`, `box` (pixel `x1, y1, x2, y2` of the phrase).
+
+    With `describe=True` every scene also gets a row asking "what is in the picture?" answered by a description
+    naming every object's colour, shape and position (a dense training signal)."""
     if num_examples < 1:
         raise ValueError(f"`num_examples` must be >= 1, got {num_examples}.")
     rng = random.Random(seed)
@@ -100,9 +111,24 @@ def shapes_examples(num_examples: int, seed: int = 0, image_size: int = 64) -> l
         if sum(o["color"] == target["color"] and o["shape"] == target["shape"] for o in objects) > 1:
             phrase += f" at the {POSITIONS[target['cell']]}"
         human = [answers[0]] * 10 if len(answers) == 1 else [answers[0]] * 7 + [answers[1]] * 3
+        image = draw_scene(objects, image_size)
+        if describe:
+            description = _caption(objects, positions=True)
+            rows.append(
+                {
+                    "image": image,
+                    "question": DESCRIBE_QUESTION,
+                    "answers": [description],
+                    "answer_weights": [describe_weight],
+                    "vqa_answers": [description] * 10,
+                    "caption": _caption(objects),
+                    "phrase": "",
+                    "box": [0.0] * 4,
+                }
+            )
         rows.append(
             {
-                "image": draw_scene(objects, image_size),
+                "image": image,
                 "question": question,
                 "answers": answers,
                 "answer_weights": weights,
@@ -115,8 +141,16 @@ def shapes_examples(num_examples: int, seed: int = 0, image_size: int = 64) -> l
     return rows
 
 
-def load_shapes_dataset(num_train: int = 2000, num_eval: int = 200, seed: int = 0, image_size: int = 64):
-    """The embedded dataset as a `datasets.DatasetDict` with `train` and `validation` splits (different seeds)."""
+def load_shapes_dataset(
+    num_train: int = 2000,
+    num_eval: int = 200,
+    seed: int = 0,
+    image_size: int = 64,
+    describe: bool = False,
+    describe_weight: float = 1.0,
+):
+    """The embedded dataset as a `datasets.DatasetDict` with `train` and `validation` splits (different seeds);
+    `describe` adds the describe-the-scene rows to the training split only."""
     try:
         import datasets
     except ImportError as error:  # pragma: no cover - the training extra installs it
@@ -134,11 +168,13 @@ def load_shapes_dataset(num_train: int = 2000, num_eval: int = 200, seed: int = 
         }
     )
 
-    def split(count: int, split_seed: int):
-        rows = shapes_examples(count, split_seed, image_size)
+    def split(count: int, split_seed: int, with_describe: bool):
+        rows = shapes_examples(count, split_seed, image_size, describe=with_describe, describe_weight=describe_weight)
         return datasets.Dataset.from_list(rows, features=features)
 
-    return datasets.DatasetDict({"train": split(num_train, seed), "validation": split(num_eval, seed + 1)})
+    return datasets.DatasetDict(
+        {"train": split(num_train, seed, describe), "validation": split(num_eval, seed + 1, False)}
+    )
 
 
 def shapes_vocabulary() -> list[str]:
@@ -146,7 +182,7 @@ def shapes_vocabulary() -> list[str]:
     words = set(COLORS) | set(SHAPES) | set(NUMBER_WORDS.values()) | {"yes", "no", "and", "a", "the", "at"}
     words |= {w for p in POSITIONS for w in p.split()}
     words |= set("how many shapes are there is what color shape object where".split())
-    words |= {str(n) for n in NUMBER_WORDS} | {"?", ","}
+    words |= {str(n) for n in NUMBER_WORDS} | {"?", ",", "in", "picture"}
     return sorted(words)
 
 
