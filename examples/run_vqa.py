@@ -40,7 +40,7 @@ DEMO_DEFAULTS = [
     "--output_dir",
     "outputs/run_vqa",
     "--num_train_epochs",
-    "20",
+    "12",
     "--per_device_train_batch_size",
     "48",
     "--per_device_eval_batch_size",
