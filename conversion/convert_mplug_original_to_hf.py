@@ -125,7 +125,7 @@ def build(args: argparse.Namespace, state_dict: dict[str, torch.Tensor], task_co
 
 
 # ------------------------------------------------------------------------------------------------ verification
-def _probe_inputs(config, processor: MPLUGProcessor) -> dict[str, torch.Tensor]:
+def _probe_inputs(config) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
     size = config.vision_config.image_size
     vocab = config.vocab_size
@@ -314,11 +314,13 @@ def verify(args, folder: Path, reference_model, task_config) -> tuple[str, bool]
     loaded.eval()
     tolerance = BF16_TOLERANCE if args.dtype == "bfloat16" else FP32_TOLERANCE
     processor = MPLUGProcessor.from_pretrained(folder)
+    if processor.image_processor.size["height"] != loaded.config.vision_config.image_size:
+        return "the saved processor's resolution differs from the model's", False
     if args.reference_dir:
         rows = reference_checks(loaded, args.task, Path(args.reference_dir))
         title = f"against the recorded outputs in {args.reference_dir}"
     else:
-        inputs = _probe_inputs(loaded.config, processor)
+        inputs = _probe_inputs(loaded.config)
         ours, original = probe_outputs(loaded, args.task, inputs), probe_outputs(reference_model, args.task, inputs)
         rows = [(name, ours[name], original[name]) for name in ours]
         title = "against the original weights (fp32, loaded from the original state dict)"
