@@ -27,6 +27,7 @@ import transformers_mplug
 from transformers_mplug import (
     MPLUGForCaptioning,
     MPLUGForGrounding,
+    MPLUGForPreTraining,
     MPLUGForQuestionAnswering,
     MPLUGForRetrieval,
     MPLUGProcessor,
@@ -42,6 +43,7 @@ TASKS = {
     "caption": MPLUGForCaptioning,
     "retrieval": MPLUGForRetrieval,
     "grounding": MPLUGForGrounding,
+    "pretrained": MPLUGForPreTraining,
 }
 # image resolution of the released task models (used when no yaml is given)
 DEFAULT_TASK_RESOLUTION = {768: 384, 1024: 336}
@@ -114,7 +116,7 @@ def build(args: argparse.Namespace, state_dict: dict[str, torch.Tensor], task_co
     """Our model (fp32) with the original weights loaded strictly, and the mapping report."""
     bert_config = read_bert_config(args.bert_config_path)
     image_size = args.image_size
-    if image_size is None and "image_res" not in task_config:
+    if image_size is None and "image_res" not in task_config and args.task != "pretrained":
         width = state_dict["visual_encoder.visual.conv1.weight"].shape[0]
         image_size = DEFAULT_TASK_RESOLUTION.get(int(width))
     config = config_from_original(bert_config, state_dict, image_size=image_size, task_config=task_config)
@@ -170,12 +172,21 @@ def probe_outputs(model, task: str, inputs: dict[str, torch.Tensor]) -> dict[str
                 pixel_values=pixels, input_ids=ids, attention_mask=mask, num_beams=1, min_new_tokens=1, max_new_tokens=5
             ),
         )
-    elif task == "retrieval":
+    elif task in ("retrieval", "pretrained"):
         result.update(
             image_features=model.get_image_features(pixel_values=pixels),
             text_features=model.get_text_features(ids, mask),
             itm_logits=model.match_pairs(pixels, ids, mask),
         )
+    if task == "pretrained":
+        answers = inputs["answers"]
+        decoded = model.text_decoder(
+            input_ids=answers,
+            encoder_hidden_states=trunk.last_hidden_state,
+            encoder_attention_mask=trunk.memory_attention_mask,
+            use_cache=False,
+        )
+        result.update(mlm_logits=model.mlm_head(trunk.fused_text_embeds) * valid, decoder_logits=decoded.logits)
     elif task == "grounding":
         prediction = model.predict_boxes(pixels, ids, mask)
         start = model.config.coordinate_token_start_id
@@ -317,7 +328,12 @@ def verify(args, folder: Path, reference_model, task_config) -> tuple[str, bool]
     if processor.image_processor.size["height"] != loaded.config.vision_config.image_size:
         return "the saved processor's resolution differs from the model's", False
     if args.reference_dir:
-        rows = reference_checks(loaded, args.task, Path(args.reference_dir))
+        if args.task == "pretrained":
+            # recorded outputs exist for the task models: check the trunk and the decoder through the VQA head
+            loaded = MPLUGForQuestionAnswering.from_pretrained(folder, attn_implementation="eager", dtype=torch.float32)
+            rows = reference_checks(loaded.eval(), "vqa", Path(args.reference_dir))
+        else:
+            rows = reference_checks(loaded, args.task, Path(args.reference_dir))
         title = f"against the recorded outputs in {args.reference_dir}"
     else:
         inputs = _probe_inputs(loaded.config)
@@ -337,6 +353,7 @@ def model_card(args, model, mapping, task_config: dict, parity: str | None, chec
         "caption": "image captioning",
         "retrieval": "image-text retrieval",
         "grounding": "visual grounding",
+        "pretrained": "pretraining (ITC, ITM, MLM, PrefixLM); fine-tune with any task head",
     }
     usage = {
         "vqa": 'inputs = processor(images=image, text="what is in the picture?")\n'
@@ -353,6 +370,9 @@ def model_card(args, model, mapping, task_config: dict, parity: str | None, chec
         "grounding": 'batch = processor.prepare_grounding(image, "the dog on the left")\n'
         'prediction = model.predict_boxes(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])\n'
         'print(processor.post_process_grounding(prediction, batch["image_geometry"]))',
+        "pretrained": "# every task head loads these weights (the pretraining-only ones are reported as unused):\n"
+        "# MPLUGForQuestionAnswering.from_pretrained(folder), MPLUGForRetrieval.from_pretrained(folder), ...\n"
+        "loss = model(**batch).loss  # batch from transformers_mplug.data.MPLUGPretrainingCollator",
     }[args.task]
     dropped = "\n".join(f"- {reason}: {len(keys)} keys" for reason, keys in sorted(mapping.dropped.items()))
     schedule = ", ".join("connected" if t == "connected_attention" else "co" for t in config.cross_modal_layer_types)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from collections import Counter
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from mplug_examples import load_image_column, prepare_distributed  # the examples folder (next to this script)
 from transformers import HfArgumentParser, Trainer, TrainingArguments, pipeline, set_seed
 
 from transformers_mplug import MPLUGConfig, MPLUGForQuestionAnswering, MPLUGProcessor
@@ -127,28 +127,6 @@ def parse_args(argv: list[str]):
 
 
 # ------------------------------------------------------------------------------------------------ data
-def _load_image_column(dataset, data_args: DataArguments):
-    """Turn a column of image paths into images (under --image_root), failing with the row that is unreadable."""
-    import datasets
-    from PIL import Image
-
-    column = data_args.image_column
-    if column not in dataset.column_names:
-        raise ValueError(f"Column `{column}` not found; columns are {dataset.column_names} (set --image_column).")
-    if isinstance(dataset.features[column], datasets.Image):
-        return dataset
-    root = Path(data_args.image_root or ".")
-    for index, name in enumerate(dataset[column]):
-        path = root / str(name)
-        try:
-            with Image.open(path) as image:
-                image.verify()
-        except Exception as error:  # noqa: BLE001 - report which row is broken, whatever PIL raised
-            raise ValueError(f"Row {index}: cannot read image {path} ({type(error).__name__}: {error}).") from None
-    dataset = dataset.map(lambda row: {column: str(root / str(row[column]))})
-    return dataset.cast_column(column, datasets.Image())
-
-
 def _alicemind_rows(path: str) -> list[dict]:
     """The original VQA annotation format: [{"image": path, "question": ..., "answer": [...]}] (answers repeated as
     annotators gave them; optional `dataset`). Each distinct answer is a target weighted by its share of the list,
@@ -199,7 +177,9 @@ def load_data(data_args: DataArguments, image_size: int):
                 files["validation"] = data_args.validation_file
             kind = "csv" if data_args.train_file.endswith(".csv") else "json"
             raw = datasets.load_dataset(kind, data_files=files)
-        raw = datasets.DatasetDict({k: _load_image_column(v, data_args) for k, v in raw.items()})
+        raw = datasets.DatasetDict(
+            {k: load_image_column(v, data_args.image_column, data_args.image_root) for k, v in raw.items()}
+        )
     else:
         raw = load_shapes_dataset(
             data_args.num_train_examples,
@@ -377,18 +357,6 @@ def plot(log_history: list[dict], path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
-
-
-def prepare_distributed(training_args: TrainingArguments) -> None:
-    """CPU multi-process specifics: one share of the cores per rank, and the process group that ZeRO-3 needs
-    before a model is built (the Trainer's DeepSpeed integration builds parameters partitioned under ZeRO-3)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size > 1 and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    if training_args.deepspeed and not torch.distributed.is_initialized():
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
 def main(argv: list[str] | None = None) -> dict:

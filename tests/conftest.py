@@ -84,3 +84,19 @@ def require_reference(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"reference fixtures not found at {path} (set MPLUG_REFERENCE_DIR to the shared/reference folder)")
     return path
+
+
+@pytest.fixture
+def shapes_vocab_file(tmp_path: Path) -> Path:
+    """The vocabulary of the embedded shapes dataset in a bert-base-uncased-shaped file."""
+    from transformers_mplug.data import shapes_vocabulary
+
+    tokens = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    path = tmp_path / "shapes_vocab.txt"
+    path.write_text("\n".join(tokens + shapes_vocabulary()) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def shapes_processor(shapes_vocab_file: Path) -> MPLUGProcessor:
+    return MPLUGProcessor.from_vocab_file(shapes_vocab_file, image_size=32)

@@ -309,3 +309,107 @@ def test_push_to_hub_plans_the_upload_and_fails_honestly_offline(tmp_path):
     )
     assert offline.returncode == 3 and "upload to someone/mplug-test failed" in offline.stderr
     assert "uploaded to" not in offline.stdout
+
+
+def _pretrained_layout_checkpoint(tmp_path: Path) -> tuple[str, dict[str, torch.Tensor]]:
+    """The vqa_base fixture re-saved in the layout of the released pretraining files (`text_encoder.bert.`,
+    `fusion_encoder.fusion.` prefixes), with the pretraining heads (ITC projections, ITM, temperature, an MLM head
+    on the text encoder), momentum copies and queues added. The reference folder has no pretraining file of its
+    own; the trunk and the decoder must still reproduce the recorded VQA outputs after conversion."""
+    state = torch.load(require_reference("vqa_base") / "checkpoint.pth", weights_only=True)["model"]
+    generator = torch.Generator().manual_seed(0)
+    hidden = state["text_encoder.embeddings.word_embeddings.weight"].shape[1]
+    vocab = state["text_encoder.embeddings.word_embeddings.weight"].shape[0]
+    out = {}
+    for key, value in state.items():
+        if key.startswith("text_encoder."):
+            key = "text_encoder.bert." + key[len("text_encoder.") :]
+        elif key.startswith("fusion_encoder."):
+            key = "fusion_encoder.fusion." + key[len("fusion_encoder.") :]
+        out[key] = value
+    heads = {
+        "vision_proj.weight": (16, hidden),
+        "vision_proj.bias": (16,),
+        "text_proj.weight": (16, hidden),
+        "text_proj.bias": (16,),
+        "itm_head.weight": (2, hidden),
+        "itm_head.bias": (2,),
+        "text_encoder.cls.predictions.transform.dense.weight": (hidden, hidden),
+        "text_encoder.cls.predictions.transform.dense.bias": (hidden,),
+        "text_encoder.cls.predictions.transform.LayerNorm.weight": (hidden,),
+        "text_encoder.cls.predictions.transform.LayerNorm.bias": (hidden,),
+        "text_encoder.cls.predictions.bias": (vocab,),
+    }
+    for key, shape in heads.items():
+        out[key] = torch.randn(shape, generator=generator) * 0.05
+    out["text_encoder.cls.predictions.decoder.weight"] = out["text_encoder.bert.embeddings.word_embeddings.weight"]
+    out["text_encoder.cls.predictions.decoder.bias"] = out["text_encoder.cls.predictions.bias"]
+    out["temp"] = torch.tensor(0.05)
+    out["vision_proj_m.weight"] = out["vision_proj.weight"] + 1.0
+    out["image_queue"] = torch.randn(16, 8, generator=generator)
+    out["queue_ptr"] = torch.zeros(1, dtype=torch.long)
+    path = tmp_path / "mplug_pretrained_layout.pth"
+    torch.save({"model": out}, path)
+    return str(path), out
+
+
+def test_pretrained_layout_file_converts_for_pretraining_and_fine_tuning(tmp_path):
+    from transformers_mplug import MPLUGForPreTraining
+
+    path, state = _pretrained_layout_checkpoint(tmp_path)
+    out = tmp_path / "pretrained"
+    root = require_reference()
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--task",
+            "pretrained",
+            "--checkpoint_path",
+            path,
+            "--bert_config_path",
+            str(root / BERT["base"]),
+            "--vocab_path",
+            str(root / "configs" / "vocab.txt"),
+            "--output_dir",
+            str(out),
+            "--verify",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "momentum copies" in result.stdout and "| yes |" in result.stdout
+    assert "mlm_logits" in result.stdout and "decoder_logits" in result.stdout
+    model, info = MPLUGForPreTraining.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    # heads placed, teacher = student (not the original momentum copy), queues empty
+    torch.testing.assert_close(model.vision_proj.weight, state["vision_proj.weight"], atol=0, rtol=0)
+    torch.testing.assert_close(model.temp, torch.tensor([0.05]), atol=0, rtol=0)
+    torch.testing.assert_close(
+        model.mlm_head.predictions.transform.dense.weight,
+        state["text_encoder.cls.predictions.transform.dense.weight"],
+        atol=0,
+        rtol=0,
+    )
+    assert all(torch.equal(t, s) for _, t, s in model.momentum_parameter_pairs())
+    assert int(model.queue_ptr) == 0 and bool((model.idx_queue == -100).all())
+    card = (out / "README.md").read_text()
+    assert "MPLUGForPreTraining" in card and "sha256" in card
+    # the same weights as the VQA fixture: fine-tuning starts from exactly the original trunk and decoder
+    qa = MPLUGForQuestionAnswering.from_pretrained(out).eval()
+    check_vqa(qa, require_reference("vqa_base"))
+    # against the recorded outputs, through the VQA head
+    again = convert(
+        tmp_path / "again",
+        "pretrained",
+        path,
+        "vqa_base",
+        "base",
+        "--verify",
+        "--reference_dir",
+        str(root / "vqa_base"),
+    )
+    assert "teacher_forced.logits" in again.stdout and "| NO |" not in again.stdout

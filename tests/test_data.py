@@ -6,22 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from transformers_mplug import MPLUGProcessor
 from transformers_mplug.data import (
     MPLUGCaptioningCollator,
     MPLUGVQACollator,
     load_shapes_dataset,
     shapes_examples,
-    shapes_vocabulary,
 )
-
-
-@pytest.fixture
-def shapes_processor(tmp_path):
-    tokens = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    path = tmp_path / "vocab.txt"
-    path.write_text("\n".join(tokens + shapes_vocabulary()) + "\n")
-    return MPLUGProcessor.from_vocab_file(path, image_size=32)
 
 
 def test_shapes_are_deterministic_and_consistent():

@@ -3,7 +3,15 @@
 Importing the package registers `"mplug"` with `AutoConfig`, `AutoModel`, `AutoImageProcessor` and `AutoProcessor`.
 """
 
-from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoProcessor, AutoTokenizer, BertTokenizer
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForPreTraining,
+    AutoProcessor,
+    AutoTokenizer,
+    BertTokenizer,
+)
 
 from .configuration_mplug import MPLUGConfig
 from .image_processing_mplug import MPLUGImageProcessor
@@ -12,11 +20,13 @@ from .modeling_mplug import (
     MPLUGDecoderOutput,
     MPLUGForCaptioning,
     MPLUGForGrounding,
+    MPLUGForPreTraining,
     MPLUGForQuestionAnswering,
     MPLUGForRetrieval,
     MPLUGModel,
     MPLUGModelOutput,
     MPLUGPreTrainedModel,
+    MPLUGPreTrainingOutput,
 )
 from .pipelines import (
     MPLUGImageCaptioningPipeline,
@@ -26,11 +36,13 @@ from .pipelines import (
     register_pipelines,
 )
 from .processing_mplug import MPLUGProcessor
+from .training import MPLUGMomentumCallback, self_critical_loss
 
 __version__ = "0.1.0"
 
 AutoConfig.register("mplug", MPLUGConfig, exist_ok=True)
 AutoModel.register(MPLUGConfig, MPLUGModel, exist_ok=True)
+AutoModelForPreTraining.register(MPLUGConfig, MPLUGForPreTraining, exist_ok=True)
 AutoImageProcessor.register(MPLUGConfig, slow_image_processor_class=MPLUGImageProcessor, exist_ok=True)
 AutoTokenizer.register(MPLUGConfig, fast_tokenizer_class=BertTokenizer, exist_ok=True)
 AutoProcessor.register(MPLUGConfig, MPLUGProcessor, exist_ok=True)
@@ -43,6 +55,7 @@ _REMOTE_AUTO_CLASSES = {
     "MPLUGForCaptioning": "AutoModelForImageTextToText",
     "MPLUGForRetrieval": "AutoModelForZeroShotImageClassification",
     "MPLUGForGrounding": "AutoModel",
+    "MPLUGForPreTraining": "AutoModelForPreTraining",
 }
 
 
@@ -67,6 +80,7 @@ def register_remote_code(model_class: type = MPLUGModel) -> None:
 __all__ = [
     "register_remote_code",
     "register_pipelines",
+    "self_critical_loss",
     "MPLUGImageCaptioningPipeline",
     "MPLUGVisualGroundingPipeline",
     "MPLUGVisualQuestionAnsweringPipeline",
@@ -76,11 +90,14 @@ __all__ = [
     "MPLUGDecoderOutput",
     "MPLUGForCaptioning",
     "MPLUGForGrounding",
+    "MPLUGForPreTraining",
     "MPLUGForQuestionAnswering",
+    "MPLUGMomentumCallback",
     "MPLUGForRetrieval",
     "MPLUGImageProcessor",
     "MPLUGModel",
     "MPLUGModelOutput",
     "MPLUGPreTrainedModel",
+    "MPLUGPreTrainingOutput",
     "MPLUGProcessor",
 ]

@@ -13,6 +13,8 @@ logger = logging.get_logger(__name__)
 CO_ATTENTION = "co_attention"
 CONNECTED_ATTENTION = "connected_attention"
 CROSS_MODAL_LAYER_TYPES = (CO_ATTENTION, CONNECTED_ATTENTION)
+# the pretraining objectives and their default weights
+PRETRAINING_LOSSES = {"itc": 1.0, "itm": 1.0, "mlm": 1.0, "prefix_lm": 1.0}
 
 # Keys every `PretrainedConfig` serialises or accepts on top of a model's own arguments.
 _COMMON_KEYS = (
@@ -144,6 +146,16 @@ class MPLUGConfig(PretrainedConfig):
             Number of coordinate bins (a coordinate `v` in [0, 1] becomes bin `floor(v * (bins - 1))`).
         grounding_loss_weighting (`str`, *optional*, defaults to `"original"`):
             `"original"`: the original's batch-broadcast L1/GIoU weighting (parity); `"per_box"`: each box's own.
+        queue_size (`int`, *optional*, defaults to 65536):
+            Pretraining: number of momentum ITC features kept as extra negatives (0 disables the queue).
+        momentum (`float`, *optional*, defaults to 0.995):
+            Pretraining: EMA coefficient of the momentum (teacher) encoders, applied by
+            [`MPLUGMomentumCallback`] after each optimizer step.
+        distillation_alpha (`float`, *optional*, defaults to 0.4):
+            Pretraining: weight of the momentum model's soft ITC targets (0 disables distillation).
+        pretraining_loss_weights (`dict[str, float]`, *optional*):
+            Pretraining: weights of the `"itc"`, `"itm"`, `"mlm"` and `"prefix_lm"` losses (each 1.0 by default;
+            0 skips a loss).
         pad_token_id, bos_token_id, eos_token_id (`int`, *optional*):
             `[PAD]` (0), `[CLS]` (101, decoding starts here) and `[SEP]` (102, decoding stops here).
 
@@ -176,6 +188,10 @@ class MPLUGConfig(PretrainedConfig):
         coordinate_token_start_id: int = 345,
         num_coordinate_bins: int = 337,
         grounding_loss_weighting: str = "original",
+        queue_size: int = 65536,
+        momentum: float = 0.995,
+        distillation_alpha: float = 0.4,
+        pretraining_loss_weights: dict[str, float] | None = None,
         pad_token_id: int = 0,
         bos_token_id: int = 101,
         eos_token_id: int = 102,
@@ -249,6 +265,34 @@ class MPLUGConfig(PretrainedConfig):
                 f"`grounding_loss_weighting` must be 'original' or 'per_box', got {grounding_loss_weighting!r}."
             )
         self.grounding_loss_weighting = grounding_loss_weighting
+        if not isinstance(queue_size, int) or isinstance(queue_size, bool) or queue_size < 0:
+            raise ValueError(f"`queue_size` must be an int >= 0, got {queue_size!r}.")
+        if not 0.0 <= float(momentum) < 1.0:
+            raise ValueError(f"`momentum` must be in [0, 1), got {momentum!r}.")
+        if not 0.0 <= float(distillation_alpha) <= 1.0:
+            raise ValueError(f"`distillation_alpha` must be in [0, 1], got {distillation_alpha!r}.")
+        self.queue_size = queue_size
+        self.momentum = float(momentum)
+        self.distillation_alpha = float(distillation_alpha)
+        weights = dict(PRETRAINING_LOSSES)
+        if pretraining_loss_weights is not None:
+            if not isinstance(pretraining_loss_weights, dict):
+                raise TypeError(
+                    f"`pretraining_loss_weights` must be a dict like {dict(PRETRAINING_LOSSES)}, "
+                    f"got {type(pretraining_loss_weights).__name__}."
+                )
+            unknown_losses = sorted(set(pretraining_loss_weights) - set(PRETRAINING_LOSSES))
+            if unknown_losses:
+                raise ValueError(
+                    f"`pretraining_loss_weights` has unknown loss(es) {unknown_losses}; use {list(PRETRAINING_LOSSES)}."
+                )
+            for name, value in pretraining_loss_weights.items():
+                if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                    raise ValueError(f"`pretraining_loss_weights[{name!r}]` must be a number >= 0, got {value!r}.")
+                weights[name] = float(value)
+        if not any(weights.values()):
+            raise ValueError("`pretraining_loss_weights` turns every loss off; keep at least one weight > 0.")
+        self.pretraining_loss_weights = weights
 
         text = self.text_config
         if text.num_hidden_layers < 1:

@@ -95,7 +95,8 @@ def shapes_examples(
     num_examples: int, seed: int = 0, image_size: int = 64, describe: bool = False, describe_weight: float = 1.0
 ) -> list[dict[str, Any]]:
     """Rows of the embedded dataset: `image`, `question`, `answers`, `answer_weights`, `vqa_answers` (10 human-style
-    answers for the official VQA accuracy), `caption`, `phrase`, `box` (pixel `x1, y1, x2, y2` of the phrase).
+    answers for the official VQA accuracy), `caption`, `description` (the caption with each object's position),
+    `phrase`, `box` (pixel `x1, y1, x2, y2` of the phrase).
 
     With `describe=True` every scene also gets a row asking "what is in the picture?" answered by a description
     naming every object's colour, shape and position (a dense training signal)."""
@@ -122,6 +123,7 @@ def shapes_examples(
                     "answer_weights": [describe_weight],
                     "vqa_answers": [description] * 10,
                     "caption": _caption(objects),
+                    "description": description,
                     "phrase": "",
                     "box": [0.0] * 4,
                 }
@@ -134,6 +136,7 @@ def shapes_examples(
                 "answer_weights": weights,
                 "vqa_answers": human,
                 "caption": _caption(objects),
+                "description": _caption(objects, positions=True),
                 "phrase": phrase,
                 "box": _object_box(target, image_size),
             }
@@ -163,6 +166,7 @@ def load_shapes_dataset(
             "answer_weights": datasets.Sequence(datasets.Value("float32")),
             "vqa_answers": datasets.Sequence(datasets.Value("string")),
             "caption": datasets.Value("string"),
+            "description": datasets.Value("string"),
             "phrase": datasets.Value("string"),
             "box": datasets.Sequence(datasets.Value("float32")),
         }
@@ -274,9 +278,114 @@ class MPLUGCaptioningCollator:
         return dict(batch)
 
 
+def mask_text_tokens(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    mask_token_id: int,
+    vocab_size: int,
+    special_token_ids: Sequence[int],
+    probability: float = 0.15,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT masking for MLM: each real, non-special token is picked with `probability` (at least one per row);
+    picked tokens become `[MASK]` (80 %), a random token (10 %) or stay (10 %). Returns `(masked_ids, labels)` with
+    the original ids at the picked positions and -100 elsewhere."""
+    if not 0.0 < probability < 1.0:
+        raise ValueError(f"`probability` must be in (0, 1), got {probability!r}.")
+    candidates = attention_mask.bool().clone()
+    for token in special_token_ids:
+        candidates &= input_ids != token
+    picked = (torch.rand(input_ids.shape, generator=generator) < probability) & candidates
+    for row in range(input_ids.shape[0]):  # every row with a maskable token gets at least one
+        if not picked[row].any() and candidates[row].any():
+            options = candidates[row].nonzero().flatten()
+            picked[row, options[torch.randint(len(options), (1,), generator=generator)]] = True
+    labels = input_ids.masked_fill(~picked, -100)
+    masked = input_ids.clone()
+    draw = torch.rand(input_ids.shape, generator=generator)
+    masked[picked & (draw < 0.8)] = mask_token_id
+    replace = picked & (draw >= 0.8) & (draw < 0.9)
+    masked[replace] = torch.randint(vocab_size, input_ids.shape, generator=generator)[replace]
+    return masked, labels
+
+
+class MPLUGPretrainingCollator:
+    """Batches image-caption rows for [`MPLUGForPreTraining`]: the captions (ITC/ITM), a masked copy with MLM
+    labels (`mlm_probability` of the tokens), and for PrefixLM a random split of each caption into a prefix given to
+    the encoder (`prefix_input_ids`) and the continuation the decoder writes (`prefix_lm_labels`,
+    `[CLS] rest [SEP]`). Rows with the same `idx_column` value (e.g. an image id) are ITC positives of each other."""
+
+    def __init__(
+        self,
+        processor: MPLUGProcessor,
+        image_column: str = "image",
+        caption_column: str = "caption",
+        idx_column: str | None = None,
+        mlm_probability: float = 0.15,
+        max_length: int = 30,
+        generator: torch.Generator | None = None,
+    ):
+        vocab = processor.tokenizer.get_vocab()
+        for token in ("[MASK]", "[CLS]", "[SEP]", "[PAD]"):
+            if token not in vocab:
+                raise ValueError(f"The tokenizer has no {token} token, which pretraining needs.")
+        if not 0.0 < mlm_probability < 1.0:
+            raise ValueError(f"`mlm_probability` must be in (0, 1), got {mlm_probability!r}.")
+        self.processor = processor
+        self.columns = (image_column, caption_column, idx_column)
+        self.mlm_probability = mlm_probability
+        self.max_length = max_length
+        self.generator = generator
+        self.mask_id, self.cls_id, self.sep_id, self.pad_id = (vocab[t] for t in ("[MASK]", "[CLS]", "[SEP]", "[PAD]"))
+        self.vocab_size = len(vocab)
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        image_column, caption_column, idx_column = self.columns
+        captions = _column(rows, caption_column)
+        for index, caption in enumerate(captions):
+            if not isinstance(caption, str) or not caption.strip():
+                raise ValueError(f"Example {index}: `{caption_column}` is empty.")
+        batch = dict(self.processor(images=_column(rows, image_column)))
+        encoded = self.processor.encode_text(captions, truncation=True, max_length=self.max_length)
+        batch.update(encoded)
+        batch["mlm_input_ids"], batch["mlm_labels"] = mask_text_tokens(
+            encoded["input_ids"],
+            encoded["attention_mask"],
+            self.mask_id,
+            self.vocab_size,
+            (self.cls_id, self.sep_id, self.pad_id),
+            self.mlm_probability,
+            self.generator,
+        )
+        prefixes, targets = [], []
+        for ids, mask in zip(encoded["input_ids"].tolist(), encoded["attention_mask"].tolist()):
+            words = ids[1 : sum(mask)]  # the caption without [CLS]
+            split = int(torch.randint(1, len(words), (1,), generator=self.generator)) if len(words) > 1 else 0
+            prefixes.append([self.cls_id] + words[:split])
+            targets.append([self.cls_id] + words[split:] + [self.sep_id])
+        batch["prefix_input_ids"], batch["prefix_attention_mask"] = self._pad(prefixes, self.pad_id)
+        target_ids, target_mask = self._pad(targets, self.pad_id)
+        batch["prefix_lm_labels"] = target_ids.masked_fill(target_mask == 0, -100)
+        if idx_column is not None:
+            batch["idx"] = torch.as_tensor(_column(rows, idx_column), dtype=torch.long)
+        return batch
+
+    @staticmethod
+    def _pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(s) for s in sequences)
+        ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        for row, sequence in enumerate(sequences):
+            ids[row, : len(sequence)] = torch.tensor(sequence)
+            mask[row, : len(sequence)] = 1
+        return ids, mask
+
+
 __all__ = [
     "MPLUGVQACollator",
     "MPLUGCaptioningCollator",
+    "MPLUGPretrainingCollator",
+    "mask_text_tokens",
     "draw_scene",
     "load_shapes_dataset",
     "shapes_examples",

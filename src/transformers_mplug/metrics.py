@@ -241,38 +241,61 @@ def bleu(predictions: Sequence[str], references: Sequence[Sequence[str]], max_n:
     return scores
 
 
-def cider_d(predictions: Sequence[str], references: Sequence[Sequence[str]], sigma: float = 6.0) -> float:
-    """CIDEr-D (COCO caption evaluation): tf-idf n-gram vectors (n = 1..4, document frequencies from the
-    references), clipped similarity, Gaussian length penalty (sigma 6), averaged over references, times 10."""
-    hyps = [ptb_tokenize(p) for p in predictions]
-    refs = [[ptb_tokenize(r) for r in rs] for rs in references]
-    document_frequency = Counter()
-    for rs in refs:
-        document_frequency.update({g for r in rs for n in range(1, 5) for g in _ngrams(r, n)})
-    log_images = math.log(float(len(refs)))
+class CiderD:
+    """CIDEr-D (COCO caption evaluation) with document frequencies taken from a reference corpus: tf-idf n-gram
+    vectors (n = 1..4), clipped similarity, Gaussian length penalty (sigma 6), averaged over references, times 10.
+    Build it once on the training references to score sampled captions as the SCST reward.
 
-    def vector(tokens):
+    Example:
+        >>> scorer = CiderD([["a red circle"], ["a blue square"], ["a green triangle"]])
+        >>> [round(s, 2) for s in scorer.scores(["a red circle", "a blue circle"], [["a red circle"], ["a blue square"]])]
+        [7.5, 2.5]
+    """
+
+    def __init__(self, corpus_references: Sequence[Sequence[str]], sigma: float = 6.0) -> None:
+        if not corpus_references:
+            raise ValueError("`corpus_references` must hold at least one list of reference captions.")
+        self.sigma = sigma
+        self.document_frequency: Counter = Counter()
+        for rs in corpus_references:
+            tokens = [ptb_tokenize(r) for r in rs]
+            self.document_frequency.update({g for r in tokens for n in range(1, 5) for g in _ngrams(r, n)})
+        self.log_images = math.log(float(len(corpus_references)))
+
+    def _vector(self, tokens: list[str]):
         vec, norms = [{} for _ in range(4)], [0.0] * 4
         for n in range(1, 5):
             for gram, tf in _ngrams(tokens, n).items():
-                weight = float(tf) * (log_images - math.log(max(1.0, document_frequency[gram])))
+                weight = float(tf) * (self.log_images - math.log(max(1.0, self.document_frequency[gram])))
                 vec[n - 1][gram] = weight
                 norms[n - 1] += weight * weight
         return vec, [math.sqrt(x) for x in norms], len(tokens)
 
-    scores = []
-    for hyp, rs in zip(hyps, refs):
-        hyp_vec, hyp_norm, hyp_len = vector(hyp)
-        total = [0.0] * 4
-        for r in rs:
-            ref_vec, ref_norm, ref_len = vector(r)
-            delta = float(hyp_len - ref_len)
-            for n in range(4):
-                value = sum(min(w, ref_vec[n].get(g, 0.0)) * ref_vec[n].get(g, 0.0) for g, w in hyp_vec[n].items())
-                if hyp_norm[n] != 0 and ref_norm[n] != 0:
-                    value /= hyp_norm[n] * ref_norm[n]
-                total[n] += value * math.exp(-(delta**2) / (2 * sigma**2))
-        scores.append(sum(total) / 4 / len(rs) * 10.0)
+    def scores(self, predictions: Sequence[str], references: Sequence[Sequence[str]]) -> list[float]:
+        """The CIDEr-D of each prediction against its own references."""
+        if len(predictions) != len(references):
+            raise ValueError("`predictions` and `references` must have the same length.")
+        result = []
+        for prediction, rs in zip(predictions, references):
+            if not rs:
+                raise ValueError("Every prediction needs at least one reference caption.")
+            hyp_vec, hyp_norm, hyp_len = self._vector(ptb_tokenize(prediction))
+            total = [0.0] * 4
+            for r in rs:
+                ref_vec, ref_norm, ref_len = self._vector(ptb_tokenize(r))
+                delta = float(hyp_len - ref_len)
+                for n in range(4):
+                    value = sum(min(w, ref_vec[n].get(g, 0.0)) * ref_vec[n].get(g, 0.0) for g, w in hyp_vec[n].items())
+                    if hyp_norm[n] != 0 and ref_norm[n] != 0:
+                        value /= hyp_norm[n] * ref_norm[n]
+                    total[n] += value * math.exp(-(delta**2) / (2 * self.sigma**2))
+            result.append(sum(total) / 4 / len(rs) * 10.0)
+        return result
+
+
+def cider_d(predictions: Sequence[str], references: Sequence[Sequence[str]], sigma: float = 6.0) -> float:
+    """Corpus CIDEr-D (COCO caption evaluation), document frequencies from `references` (see [`CiderD`])."""
+    scores = CiderD(references, sigma).scores(predictions, references)
     return sum(scores) / len(scores)
 
 
@@ -339,6 +362,7 @@ __all__ = [
     "ptb_tokenize",
     "bleu",
     "cider_d",
+    "CiderD",
     "caption_metrics",
     "retrieval_recall",
     "box_iou",

@@ -21,7 +21,13 @@ from transformers import initialization as init
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.models.bert.modeling_bert import BertAttention, BertEmbeddings, BertIntermediate, BertOutput
+from transformers.models.bert.modeling_bert import (
+    BertAttention,
+    BertEmbeddings,
+    BertIntermediate,
+    BertOnlyMLMHead,
+    BertOutput,
+)
 from transformers.models.clip.modeling_clip import CLIPEncoder, CLIPVisionEmbeddings
 from transformers.utils import ModelOutput, logging
 
@@ -189,17 +195,131 @@ class MPLUGPreTrainedModel(PreTrainedModel):
     # the losses follow the original normalisation; the Trainer must scale them for gradient accumulation itself
     accepts_loss_kwargs = False
 
+    @classmethod
+    def from_unimodal_pretrained(
+        cls,
+        vision_model_name_or_path: str,
+        text_model_name_or_path: str,
+        num_text_layers: int | None = None,
+        num_cross_modal_layers: int | None = None,
+        num_decoder_layers: int | None = None,
+        image_size: int | None = None,
+        **config_kwargs,
+    ) -> MPLUGPreTrainedModel:
+        r"""
+        Build this model from unimodal checkpoints, as the paper initialises pretraining: the vision tower from a CLIP
+        vision checkpoint, the text encoder from the first `num_text_layers` layers of a BERT checkpoint, the
+        cross-modal layers' self-attention and feed-forward from the BERT layers after those, and the decoder's
+        embeddings, self-attention and feed-forward from the first BERT layers. Cross-attention, the vision
+        projection (when the widths differ) and the heads start fresh.
+
+        Args:
+            vision_model_name_or_path (`str`): a `CLIPVisionModel` or `CLIPModel` folder or Hub id.
+            text_model_name_or_path (`str`): a BERT folder or Hub id (a `BertModel`-loadable checkpoint).
+            num_text_layers (`int`, *optional*): text-encoder depth (default: half the BERT layers).
+            num_cross_modal_layers (`int`, *optional*): fusion depth (default: the remaining BERT layers).
+            num_decoder_layers (`int`, *optional*): decoder depth (default: all BERT layers).
+            image_size (`int`, *optional*): input resolution; the positional embeddings are resized bilinearly.
+            config_kwargs: further [`MPLUGConfig`] arguments (`connected_attention_stride`, `projection_dim`, ...).
+        """
+        from transformers import CLIPVisionModel
+
+        from .original_checkpoint import resize_position_embedding
+
+        vision = CLIPVisionModel.from_pretrained(vision_model_name_or_path)
+        text = BertModel.from_pretrained(text_model_name_or_path, add_pooling_layer=False)
+        bert_layers = text.config.num_hidden_layers
+        num_text_layers = max(1, bert_layers // 2) if num_text_layers is None else num_text_layers
+        if num_cross_modal_layers is None:
+            num_cross_modal_layers = max(1, bert_layers - num_text_layers)
+        num_decoder_layers = bert_layers if num_decoder_layers is None else num_decoder_layers
+        if num_text_layers + num_cross_modal_layers > bert_layers or num_decoder_layers > bert_layers:
+            raise ValueError(
+                f"The BERT checkpoint has {bert_layers} layers: `num_text_layers` + `num_cross_modal_layers` "
+                f"({num_text_layers} + {num_cross_modal_layers}) and `num_decoder_layers` ({num_decoder_layers}) "
+                "must not exceed it."
+            )
+        vision_config = vision.config.to_dict()
+        if image_size is not None:
+            vision_config["image_size"] = image_size
+        text_config = text.config.to_dict()
+        text_config["num_hidden_layers"] = num_text_layers
+        config = MPLUGConfig(
+            vision_config=vision_config,
+            text_config=text_config,
+            num_cross_modal_layers=num_cross_modal_layers,
+            num_decoder_layers=num_decoder_layers,
+            **config_kwargs,
+        )
+        model = cls(config)
+        vision_state = {k.removeprefix("vision_model."): v for k, v in vision.state_dict().items()}
+        table = "embeddings.position_embedding.weight"
+        grid = config.vision_config.image_size // config.vision_config.patch_size
+        vision_state[table] = resize_position_embedding(vision_state[table], grid)
+        vision_state.pop("embeddings.position_ids", None)
+        _load_part(model.mplug.vision_model, vision_state, "the vision tower")
+        bert = text.state_dict()
+
+        def bert_layer(index: int) -> dict[str, torch.Tensor]:
+            prefix = f"encoder.layer.{index}."
+            return {k[len(prefix) :]: v for k, v in bert.items() if k.startswith(prefix)}
+
+        embeddings = {k: v for k, v in bert.items() if k.startswith("embeddings.")}
+        if model.mplug.text_model is not None:
+            state = dict(embeddings)
+            for index in range(num_text_layers):
+                state.update({f"encoder.layer.{index}.{k}": v for k, v in bert_layer(index).items()})
+            _load_part(model.mplug.text_model, state, "the text encoder")
+            for index, layer in enumerate(model.mplug.cross_modal_encoder.layer):
+                _load_part(layer, bert_layer(num_text_layers + index), f"cross-modal layer {index}", partial=True)
+        decoder = getattr(model, "text_decoder", None)
+        if decoder is not None:
+            state = {f"bert.{k}": v for k, v in embeddings.items()}
+            for index in range(num_decoder_layers):
+                state.update({f"bert.encoder.layer.{index}.{k}": v for k, v in bert_layer(index).items()})
+            _load_part(decoder, state, "the decoder", partial=True)
+        if hasattr(model, "copy_student_to_momentum_encoder"):
+            model.copy_student_to_momentum_encoder()
+        logger.info(
+            "Initialised from %s (vision) and %s (text); cross-attention, projections and heads start fresh.",
+            vision_model_name_or_path,
+            text_model_name_or_path,
+        )
+        return model
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         if isinstance(module, MPLUGForRetrieval):
             init.constant_(module.temp, self.config.itc_temperature)
+            if isinstance(module, MPLUGForPreTraining):
+                init.zeros_(module.image_queue)
+                init.zeros_(module.text_queue)
+                init.constant_(module.idx_queue, -100)
+                init.zeros_(module.queue_ptr)
         elif isinstance(module, CLIPVisionEmbeddings):
             init.normal_(module.class_embedding, mean=0.0, std=module.embed_dim**-0.5)
             init.copy_(module.position_ids, torch.arange(module.num_positions).expand((1, -1)))
         elif isinstance(module, BertEmbeddings):
             init.copy_(module.position_ids, torch.arange(module.position_ids.shape[-1]).expand((1, -1)))
             init.zeros_(module.token_type_ids)
+
+
+def _load_part(module: nn.Module, state: dict[str, torch.Tensor], name: str, partial: bool = False) -> None:
+    """Copy `state` into `module`: every given tensor must have a place of the same shape; with `partial`, the
+    module's other weights (cross-attention, heads) keep their fresh values, otherwise all must be given."""
+    own = module.state_dict()
+    unknown = sorted(set(state) - set(own))
+    if unknown:
+        raise ValueError(f"Cannot place {len(unknown)} weight(s) in {name}: {unknown[:8]}")
+    bad = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if v.shape != own[k].shape]
+    if bad:
+        raise ValueError(f"Shape mismatch in {name}: {bad[:8]}")
+    missing = sorted(k for k in set(own) - set(state) if not k.endswith(("position_ids", "token_type_ids")))
+    if missing and not partial:
+        raise ValueError(f"The checkpoint lacks {len(missing)} weight(s) of {name}: {missing[:8]}")
+    own.update(state)
+    module.load_state_dict(own, strict=True)
 
 
 class MPLUGModel(MPLUGPreTrainedModel):
@@ -478,6 +598,15 @@ class MPLUGDecoderHeadMixin:
 
     def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
         self.text_decoder.set_output_embeddings(new_embeddings)
+
+    def adjust_generation_fn(self, generation_config, *args, **kwargs):
+        super().adjust_generation_fn(generation_config, *args, **kwargs)
+        # a folder without generation_config.json (a trunk or pretraining folder): keep the task's decoding defaults
+        # rather than a config built from config.json (greedy, 20 tokens)
+        if generation_config is None and getattr(self.generation_config, "_from_model_config", False):
+            default = getattr(type(self), "default_generation_config", None)
+            if default is not None:
+                self.generation_config = default(self.config)
 
     def _decode(
         self,
@@ -947,13 +1076,17 @@ class MPLUGForRetrieval(MPLUGPreTrainedModel):
 
     def __init__(self, config: MPLUGConfig) -> None:
         super().__init__(config)
+        self._build_retrieval_modules(config)
+        self.post_init()
+
+    def _build_retrieval_modules(self, config: MPLUGConfig) -> None:
         self.mplug = MPLUGModel(config)
         hidden = config.hidden_size
         self.vision_proj = nn.Linear(hidden, config.projection_dim)
         self.text_proj = nn.Linear(hidden, config.projection_dim)
         self.itm_head = nn.Linear(hidden, 2)
-        self.temp = nn.Parameter(torch.tensor(config.itc_temperature))
-        self.post_init()
+        # shape (1,), not (): DeepSpeed cannot broadcast 0-dim parameters
+        self.temp = nn.Parameter(torch.full((1,), config.itc_temperature))
 
     def get_input_embeddings(self) -> nn.Module:
         return self.mplug.get_input_embeddings()
@@ -1474,6 +1607,370 @@ class MPLUGForGrounding(MPLUGDecoderHeadMixin, MPLUGPreTrainedModel):
         )
 
 
+# ------------------------------------------------------------------------------------------------ pretraining
+def _ema_(teacher: torch.Tensor, student: torch.Tensor, momentum: float) -> None:
+    """`teacher <- momentum * teacher + (1 - momentum) * student` in place, for plain parameters and DeepSpeed ZeRO-3
+    ones. A ZeRO-3 parameter keeps this rank's shard in `ds_tensor` and, while gathered (always for the small
+    "persistent" ones), the full tensor in `.data`; teacher and student shards of one parameter share a layout."""
+    if not hasattr(teacher, "ds_tensor"):
+        teacher.data.mul_(momentum).add_(student.data.to(teacher.dtype), alpha=1.0 - momentum)
+        return
+    shard, numel = teacher.ds_tensor, teacher.ds_numel
+    teacher_full, student_full = teacher.data.numel() == numel, student.data.numel() == student.ds_numel
+    if teacher_full and student_full:
+        teacher.data.mul_(momentum).add_(student.data.to(teacher.dtype), alpha=1.0 - momentum)
+        if shard.untyped_storage().data_ptr() != teacher.data.untyped_storage().data_ptr():
+            rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+            piece = teacher.data.reshape(-1)[rank * shard.numel() : (rank + 1) * shard.numel()]
+            shard.reshape(-1)[: piece.numel()].copy_(piece)
+        return
+    shard.mul_(momentum).add_(student.ds_tensor.to(shard.dtype), alpha=1.0 - momentum)
+    if teacher_full:  # refresh the gathered copy from every rank's updated shard
+        world_size = torch.distributed.get_world_size()
+        gathered = torch.empty(world_size * shard.numel(), dtype=shard.dtype, device=shard.device)
+        torch.distributed.all_gather_into_tensor(gathered, shard.reshape(-1).contiguous())
+        teacher.data.copy_(gathered[:numel].view_as(teacher.data))
+
+
+def _gather_across_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """`torch.cat` of `tensor` from every rank (no gradient), or `tensor` itself outside distributed runs."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return tensor
+    world_size = torch.distributed.get_world_size()
+    if world_size == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(world_size)]
+    torch.distributed.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+class MPLUGMomentumEncoder(nn.Module):
+    """The momentum (teacher) copies of what ITC runs: vision tower (+ projection), text encoder and the two ITC
+    projections. Never trained by gradients; updated as an EMA of the student by [`MPLUGMomentumCallback`]."""
+
+    def __init__(self, config: MPLUGConfig) -> None:
+        super().__init__()
+        self.vision_model = MPLUGVisionTransformer(config.vision_config)
+        self.vision_projection = MPLUGVisionProjection(config) if config.has_vision_projection else None
+        self.text_model = BertModel(config.text_config, add_pooling_layer=False)
+        self.vision_proj = nn.Linear(config.hidden_size, config.projection_dim)
+        self.text_proj = nn.Linear(config.hidden_size, config.projection_dim)
+        self.requires_grad_(False)
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        frames = pixel_values[:, 0] if pixel_values.dim() == 5 else pixel_values
+        states = self.vision_model(frames)
+        if self.vision_projection is not None:
+            states = self.vision_projection(states)
+        return nn.functional.normalize(self.vision_proj(states[:, 0]), dim=-1)
+
+    def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        states = self.text_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return nn.functional.normalize(self.text_proj(states[:, 0]), dim=-1)
+
+
+@dataclass
+class MPLUGPreTrainingOutput(ModelOutput):
+    r"""
+    Output of [`MPLUGForPreTraining`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`): the weighted sum of the enabled losses.
+        loss_itc, loss_itm, loss_mlm, loss_prefix_lm (`torch.FloatTensor` of shape `()`): each objective (`None`
+            when its weight is 0).
+        similarity_i2t, similarity_t2i (`torch.FloatTensor`): ITC similarities against the batch and the queue.
+        itm_logits (`torch.FloatTensor` of shape `(3 * batch_size, 2)`): ITM logits of [positives; hard negatives].
+        mlm_logits (`torch.FloatTensor` of shape `(batch_size, length, vocab_size)`): MLM logits on the fused text.
+        prefix_lm_logits (`torch.FloatTensor` of shape `(batch_size, target_length, vocab_size)`): decoder logits.
+    """
+
+    loss: torch.FloatTensor | None = None
+    loss_itc: torch.FloatTensor | None = None
+    loss_itm: torch.FloatTensor | None = None
+    loss_mlm: torch.FloatTensor | None = None
+    loss_prefix_lm: torch.FloatTensor | None = None
+    similarity_i2t: torch.FloatTensor | None = None
+    similarity_t2i: torch.FloatTensor | None = None
+    itm_logits: torch.FloatTensor | None = None
+    mlm_logits: torch.FloatTensor | None = None
+    prefix_lm_logits: torch.FloatTensor | None = None
+
+
+class MPLUGForPreTraining(MPLUGForRetrieval):
+    r"""
+    mPLUG pretraining (the paper's four objectives) on the shared trunk:
+
+    - **ITC**: image-text contrastive loss with a momentum (EMA) teacher whose features serve as keys, a queue of
+      `config.queue_size` past teacher features (gathered from every rank) and soft distillation targets
+      (`config.distillation_alpha`).
+    - **ITM**: image-text matching over 1 positive + 2 hard negatives per pair (drawn from the ITC similarities).
+    - **MLM**: masked tokens (`mlm_input_ids`, `mlm_labels`, e.g. from [`MPLUGPretrainingCollator`]) predicted from
+      the *fused* text states by an MLM head tied to the text encoder's word embeddings.
+    - **PrefixLM**: the text encoder + fusion read an image and a caption prefix (`prefix_input_ids`); the decoder
+      continues the caption (`prefix_lm_labels`: `[CLS] rest [SEP]`, padding -100), token-mean cross-entropy.
+
+    `loss = sum_k config.pretraining_loss_weights[k] * loss_k`; a loss with weight 0 is not computed. Train with
+    [`MPLUGMomentumCallback`] so the teacher follows the student (`momentum_update`). The weights load into every
+    task head (`MPLUGForQuestionAnswering.from_pretrained(pretraining_folder)`; the pretraining-only weights are
+    reported as unused). [`~MPLUGPreTrainedModel.from_unimodal_pretrained`] initialises it from a CLIP vision
+    checkpoint and a BERT checkpoint, as the paper.
+
+    Example:
+        >>> import torch
+        >>> from transformers_mplug import MPLUGConfig, MPLUGForPreTraining
+        >>> config = MPLUGConfig(
+        ...     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        ...                        image_size=32, patch_size=16),
+        ...     text_config=dict(vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        ...                      intermediate_size=64),
+        ...     num_cross_modal_layers=2, num_decoder_layers=1, projection_dim=16, queue_size=8,
+        ...     bos_token_id=101, eos_token_id=102,
+        ... )
+        >>> model = MPLUGForPreTraining(config)
+        >>> ids = torch.tensor([[101, 7, 8, 9], [101, 10, 11, 12]])
+        >>> out = model(
+        ...     pixel_values=torch.randn(2, 3, 32, 32), input_ids=ids,
+        ...     mlm_input_ids=torch.tensor([[101, 103, 8, 9], [101, 10, 103, 12]]),
+        ...     mlm_labels=torch.tensor([[-100, 7, -100, -100], [-100, -100, 11, -100]]),
+        ...     prefix_input_ids=ids[:, :2], prefix_lm_labels=torch.tensor([[101, 8, 9, 102], [101, 11, 12, 102]]),
+        ... )
+        >>> sorted(k for k in out.keys() if k.startswith("loss_"))
+        ['loss_itc', 'loss_itm', 'loss_mlm', 'loss_prefix_lm']
+        >>> int(model.queue_ptr)  # two teacher features were queued
+        2
+    """
+
+    _tied_weights_keys = {
+        **MPLUGDecoderHeadMixin._tied_weights_keys,
+        "mlm_head.predictions.decoder.weight": "mplug.text_model.embeddings.word_embeddings.weight",
+        "mlm_head.predictions.decoder.bias": "mlm_head.predictions.bias",
+    }
+
+    def __init__(self, config: MPLUGConfig) -> None:
+        MPLUGPreTrainedModel.__init__(self, config)
+        self._build_retrieval_modules(config)
+        self.mlm_head = BertOnlyMLMHead(config.text_config)
+        self.text_decoder = BertLMHeadModel(config.decoder_config())
+        self.momentum_encoder = MPLUGMomentumEncoder(config)
+        queue = max(config.queue_size, 1)
+        self.register_buffer("image_queue", torch.zeros(config.projection_dim, queue))
+        self.register_buffer("text_queue", torch.zeros(config.projection_dim, queue))
+        self.register_buffer("idx_queue", torch.full((1, queue), -100, dtype=torch.long))
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        self.post_init()
+        self.copy_student_to_momentum_encoder()
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.mlm_head.predictions.decoder
+
+    def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
+        self.mlm_head.predictions.decoder = new_embeddings
+        self.mlm_head.predictions.bias = new_embeddings.bias
+
+    # ------------------------------------------------------------------------------------------- momentum
+    def momentum_parameter_pairs(self) -> list[tuple[str, nn.Parameter, nn.Parameter]]:
+        """`(name, teacher, student)` for every momentum-encoder parameter."""
+        student = {
+            "vision_model": self.mplug.vision_model,
+            "vision_projection": self.mplug.vision_projection,
+            "text_model": self.mplug.text_model,
+            "vision_proj": self.vision_proj,
+            "text_proj": self.text_proj,
+        }
+        pairs = []
+        for name, teacher_module in self.momentum_encoder.named_children():
+            student_params = dict(student[name].named_parameters())
+            for param_name, teacher in teacher_module.named_parameters():
+                pairs.append((f"{name}.{param_name}", teacher, student_params[param_name]))
+        return pairs
+
+    @torch.no_grad()
+    def momentum_update(self, momentum: float | None = None) -> None:
+        """`teacher <- momentum * teacher + (1 - momentum) * student` for every momentum parameter
+        (`config.momentum` by default). Works on plain, DDP, ZeRO-2 and ZeRO-3 (partitioned) parameters: each rank
+        updates its own shard, no communication."""
+        momentum = self.config.momentum if momentum is None else float(momentum)
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"`momentum` must be in [0, 1], got {momentum!r}.")
+        for name, teacher, student in self.momentum_parameter_pairs():
+            shapes = [tuple(getattr(p, "ds_shape", p.shape)) for p in (teacher, student)]  # ZeRO-3: full shape
+            if shapes[0] != shapes[1]:
+                raise ValueError(f"Momentum parameter {name}: teacher {shapes[0]} vs student {shapes[1]}.")
+            _ema_(teacher, student, momentum)
+
+    def copy_student_to_momentum_encoder(self) -> None:
+        """Make the teacher equal to the student (done at construction and when a checkpoint has no teacher)."""
+        self.momentum_update(0.0)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        missing = set(info.get("missing_keys", ()))
+        if any(k.startswith("momentum_encoder.") for k in missing):
+            # a task or converted folder: the teacher starts as the student, the queues empty
+            logger.info("The checkpoint has no momentum encoder; it starts as a copy of the loaded weights.")
+            model.copy_student_to_momentum_encoder()
+            training_state = ("momentum_encoder.", "image_queue", "text_queue", "idx_queue", "queue_ptr")
+            info["missing_keys"] = {k for k in missing if not k.startswith(training_state)}
+        return (model, info) if output_loading_info else model
+
+    @torch.no_grad()
+    def _enqueue(self, image_features: torch.Tensor, text_features: torch.Tensor, idx: torch.Tensor) -> None:
+        if self.config.queue_size == 0:
+            return
+        image_features = _gather_across_ranks(image_features)
+        text_features = _gather_across_ranks(text_features)
+        idx = _gather_across_ranks(idx)
+        size = self.config.queue_size
+        if image_features.shape[0] > size:
+            image_features, text_features, idx = image_features[-size:], text_features[-size:], idx[-size:]
+        ptr = int(self.queue_ptr)
+        slots = (ptr + torch.arange(image_features.shape[0], device=self.image_queue.device)) % size
+        self.image_queue[:, slots] = image_features.t().to(self.image_queue.dtype)
+        self.text_queue[:, slots] = text_features.t().to(self.text_queue.dtype)
+        self.idx_queue[0, slots] = idx.to(self.idx_queue.device)
+        self.queue_ptr.fill_((ptr + image_features.shape[0]) % size)
+
+    # ------------------------------------------------------------------------------------------- forward
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        mlm_input_ids: torch.Tensor | None = None,
+        mlm_labels: torch.Tensor | None = None,
+        prefix_input_ids: torch.Tensor | None = None,
+        prefix_attention_mask: torch.Tensor | None = None,
+        prefix_lm_labels: torch.Tensor | None = None,
+        idx: torch.Tensor | None = None,
+        alpha: float | None = None,
+        negative_image_indices: torch.Tensor | None = None,
+        negative_text_indices: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> MPLUGPreTrainingOutput | tuple:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(B, C, H, W)`): the images.
+            input_ids, attention_mask (`(B, L)`): the captions (`[CLS] text`), for ITC and ITM.
+            mlm_input_ids, mlm_labels (`(B, L)`): the captions with 15 % of the tokens masked, and the original
+                ids at the masked positions (-100 elsewhere); needed when the `"mlm"` weight is > 0. The mask is
+                `attention_mask`.
+            prefix_input_ids, prefix_attention_mask (`(B, P)`): caption prefixes for PrefixLM.
+            prefix_lm_labels (`(B, T)`): their continuations `[CLS] rest [SEP]` (padding -100).
+            idx (`(B,)`): image ids; captions of the same image are ITC positives and never ITM negatives.
+            alpha (`float`): distillation weight (default `config.distillation_alpha`).
+            negative_image_indices, negative_text_indices (`(B,)`): ITM negatives to use instead of drawing them.
+        """
+        kwargs.pop("token_type_ids", None)
+        if kwargs:
+            raise TypeError(f"{type(self).__name__}.forward() got unexpected keyword argument(s) {sorted(kwargs)}.")
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        weights = self.config.pretraining_loss_weights
+        if pixel_values is None:
+            raise ValueError("`pixel_values` (the images) is required.")
+        if input_ids is None:
+            raise ValueError("`input_ids` (the captions from the processor) is required.")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        batch_size = input_ids.shape[0]
+        if pixel_values.shape[0] != batch_size:
+            raise ValueError(f"Batch size mismatch: {pixel_values.shape[0]} images but {batch_size} captions.")
+        if weights["itm"] > 0 and batch_size < 2:
+            raise ValueError("ITM needs a batch of at least 2 pairs (hard negatives come from it).")
+        if weights["mlm"] > 0 and (mlm_input_ids is None or mlm_labels is None):
+            raise ValueError(
+                "The MLM loss needs `mlm_input_ids` and `mlm_labels` (use MPLUGPretrainingCollator), or set "
+                "`config.pretraining_loss_weights['mlm'] = 0`."
+            )
+        if weights["prefix_lm"] > 0 and (prefix_input_ids is None or prefix_lm_labels is None):
+            raise ValueError(
+                "The PrefixLM loss needs `prefix_input_ids` and `prefix_lm_labels` (use MPLUGPretrainingCollator), "
+                "or set `config.pretraining_loss_weights['prefix_lm'] = 0`."
+            )
+        if idx is None:
+            idx = torch.arange(batch_size, device=input_ids.device)
+        alpha = self.config.distillation_alpha if alpha is None else float(alpha)
+
+        image_embeds = self.mplug.encode_image(pixel_values)[1]
+        losses: dict[str, torch.Tensor] = {}
+        output = MPLUGPreTrainingOutput()
+        if weights["itc"] > 0 or weights["itm"] > 0:
+            text_embeds = self.mplug.encode_text(input_ids, attention_mask)
+            image_features = self.get_image_features(image_embeds=image_embeds)
+            text_features = self.get_text_features(text_embeds=text_embeds)
+            with torch.no_grad():
+                self.temp.clamp_(0.001, 0.5)
+                image_features_m = self.momentum_encoder.image_features(pixel_values)
+                text_features_m = self.momentum_encoder.text_features(input_ids, attention_mask)
+            queues = {}
+            if self.config.queue_size > 0:
+                queues = {
+                    "image_queue": self.image_queue.clone(),
+                    "text_queue": self.text_queue.clone(),
+                    "idx_queue": self.idx_queue.clone(),
+                }
+            loss_itc, sim_i2t, sim_t2i = self.itc_loss(
+                image_features, text_features, idx, image_features_m, text_features_m, alpha=alpha, **queues
+            )
+            output.similarity_i2t, output.similarity_t2i = sim_i2t, sim_t2i
+            if weights["itc"] > 0:
+                losses["itc"] = loss_itc
+            if weights["itm"] > 0:
+                losses["itm"], output.itm_logits, _, _ = self.itm_loss(
+                    image_embeds,
+                    text_embeds,
+                    attention_mask,
+                    sim_i2t,
+                    sim_t2i,
+                    idx,
+                    negative_image_indices,
+                    negative_text_indices,
+                )
+            if self.training:
+                self._enqueue(image_features_m, text_features_m, idx)
+        if weights["mlm"] > 0:
+            if mlm_input_ids.shape != input_ids.shape or mlm_labels.shape != input_ids.shape:
+                raise ValueError(
+                    f"`mlm_input_ids` and `mlm_labels` must have the captions' shape {tuple(input_ids.shape)}."
+                )
+            masked_text = self.mplug.encode_text(mlm_input_ids, attention_mask)
+            _, fused_text = self.mplug.cross_modal_encoder(image_embeds, masked_text, attention_mask)
+            output.mlm_logits = self.mlm_head(fused_text)
+            losses["mlm"] = nn.functional.cross_entropy(
+                output.mlm_logits.float().reshape(-1, self.config.vocab_size), mlm_labels.reshape(-1), ignore_index=-100
+            )
+        if weights["prefix_lm"] > 0:
+            if prefix_attention_mask is None:
+                prefix_attention_mask = torch.ones_like(prefix_input_ids)
+            if prefix_input_ids.shape[0] != batch_size or prefix_lm_labels.shape[0] != batch_size:
+                raise ValueError("`prefix_input_ids` and `prefix_lm_labels` need one row per image.")
+            prefix_text = self.mplug.encode_text(prefix_input_ids, prefix_attention_mask)
+            fused_image, fused_prefix = self.mplug.cross_modal_encoder(image_embeds, prefix_text, prefix_attention_mask)
+            memory = torch.cat([fused_image, fused_prefix], dim=1)
+            memory_mask = torch.cat([prefix_attention_mask.new_ones(fused_image.shape[:2]), prefix_attention_mask], 1)
+            decoder_ids, decoder_mask, labels = _decoder_inputs(
+                prefix_lm_labels, None, None, self.config.pad_token_id, ("prefix_lm_labels", "prefix_lm_labels")
+            )
+            logits = self.text_decoder(
+                input_ids=decoder_ids,
+                attention_mask=decoder_mask,
+                encoder_hidden_states=memory,
+                encoder_attention_mask=memory_mask,
+                use_cache=False,
+                return_dict=True,
+            ).logits
+            output.prefix_lm_logits = logits
+            losses["prefix_lm"] = nn.functional.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
+            )
+        for name, value in losses.items():
+            setattr(output, f"loss_{name}", value)
+        output.loss = sum(weights[name] * value for name, value in losses.items())
+        return output if return_dict else output.to_tuple()
+
+
 __all__ = [
     "MPLUGModel",
     "MPLUGPreTrainedModel",
@@ -1487,4 +1984,7 @@ __all__ = [
     "MPLUGCorpusRetrievalOutput",
     "MPLUGForGrounding",
     "MPLUGGroundingOutput",
+    "MPLUGForPreTraining",
+    "MPLUGPreTrainingOutput",
+    "MPLUGMomentumEncoder",
 ]

@@ -342,7 +342,16 @@ def map_original_trunk_state_dict(
     return result
 
 
-TASKS = ("trunk", "vqa", "caption", "retrieval", "grounding")
+TASKS = ("trunk", "vqa", "caption", "retrieval", "grounding", "pretrained")
+_MLM_HEAD = re.compile(r"^(text_encoder|fusion_encoder)\.cls\.predictions\.")
+# momentum-encoder parameters of MPLUGForPreTraining and the student weights they start from
+_TEACHER_SOURCES = {
+    "momentum_encoder.vision_model.": "mplug.vision_model.",
+    "momentum_encoder.vision_projection.": "mplug.vision_projection.",
+    "momentum_encoder.text_model.": "mplug.text_model.",
+    "momentum_encoder.vision_proj.": "vision_proj.",
+    "momentum_encoder.text_proj.": "text_proj.",
+}
 _RETRIEVAL_KEYS = ("temp", "vision_proj", "text_proj", "itm_head")
 
 
@@ -350,8 +359,10 @@ def map_original_state_dict(
     state_dict: Mapping[str, torch.Tensor], config: MPLUGConfig, task: str
 ) -> OriginalKeyMapping:
     """Map an original task state dict onto our class for `task`: `"trunk"` ([`MPLUGModel`]), `"vqa"`
-    ([`MPLUGForQuestionAnswering`]), `"caption"` ([`MPLUGForCaptioning`]), `"retrieval"` ([`MPLUGForRetrieval`])
-    or `"grounding"` ([`MPLUGForGrounding`])."""
+    ([`MPLUGForQuestionAnswering`]), `"caption"` ([`MPLUGForCaptioning`]), `"retrieval"` ([`MPLUGForRetrieval`]),
+    `"grounding"` ([`MPLUGForGrounding`]) or `"pretrained"` ([`MPLUGForPreTraining`]: trunk, ITC/ITM heads, MLM
+    head, decoder; the original momentum copies and queues are dropped, the teacher restarts as a copy of the
+    student and the queues empty)."""
     if task not in TASKS:
         raise ValueError(f"`task` must be one of {TASKS}, got {task!r}.")
     if task == "trunk":
@@ -361,14 +372,16 @@ def map_original_state_dict(
     for raw_key in unmapped:
         key = normalise_original_key(raw_key)
         value = state_dict[raw_key]
-        if key in _RETRIEVAL_KEYS or key.startswith(tuple(k + "." for k in _RETRIEVAL_KEYS)):
-            if task == "retrieval":
-                mapping.state_dict[key] = value
+        if task == "pretrained" and _MLM_HEAD.match(key):
+            mapping.state_dict[_MLM_HEAD.sub("mlm_head.predictions.", key)] = value
+        elif key in _RETRIEVAL_KEYS or key.startswith(tuple(k + "." for k in _RETRIEVAL_KEYS)):
+            if task in ("retrieval", "pretrained"):
+                mapping.state_dict[key] = value.reshape(1) if key == "temp" else value
             else:
                 mapping.drop("retrieval projections (unused by this task)", raw_key)
         elif task == "grounding" and key in ("prefix_ids", "target_ids", "bbox_prob_mask"):
             mapping.drop("grounding token buffers (rebuilt from the config)", raw_key)
-        elif task in ("vqa", "caption", "grounding") and key.startswith("text_decoder."):
+        elif task in ("vqa", "caption", "grounding", "pretrained") and key.startswith("text_decoder."):
             rest = key[len("text_decoder.") :]
             if _REBUILT_BUFFERS.search(rest):
                 mapping.drop("buffers rebuilt by transformers", raw_key)
@@ -378,7 +391,23 @@ def map_original_state_dict(
                 mapping.unmapped.append(raw_key)
         else:
             mapping.unmapped.append(raw_key)
+    if task == "pretrained":
+        _add_fresh_training_state(mapping, config)
     return mapping
+
+
+def _add_fresh_training_state(mapping: OriginalKeyMapping, config: MPLUGConfig) -> None:
+    """MPLUGForPreTraining's teacher as a copy of the mapped student and empty ITC queues."""
+    out = mapping.state_dict
+    for key in list(out):
+        for teacher, student in _TEACHER_SOURCES.items():
+            if key.startswith(student) and not _REBUILT_BUFFERS.search(key):
+                out[teacher + key[len(student) :]] = out[key].clone()
+    queue = max(config.queue_size, 1)
+    out["image_queue"] = torch.zeros(config.projection_dim, queue)
+    out["text_queue"] = torch.zeros(config.projection_dim, queue)
+    out["idx_queue"] = torch.full((1, queue), -100, dtype=torch.long)
+    out["queue_ptr"] = torch.zeros((), dtype=torch.long)
 
 
 def load_original_state_dict(

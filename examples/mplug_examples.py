@@ -1,0 +1,210 @@
+"""Helpers shared by the example scripts (`run_*.py`): argument parsing with the CPU-bf16 fix, CPU/DeepSpeed process
+setup, image columns from files, the embedded demo's vocabulary and fresh model config, and the training plot."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from transformers import HfArgumentParser, TrainingArguments
+
+from transformers_mplug import MPLUGConfig, MPLUGProcessor
+from transformers_mplug.data import shapes_vocabulary
+
+COMMON_DEFAULTS = [
+    "--save_strategy",
+    "no",
+    "--report_to",
+    "none",
+    "--dataloader_num_workers",
+    "0",
+    "--seed",
+    "0",
+    "--logging_steps",
+    "10",
+]
+
+
+def parse_with_defaults(dataclass_types: tuple, defaults: list[str], argv: list[str]):
+    """Parse `defaults + argv` (so every flag given on the command line wins). On a machine with no accelerator
+    `--use_cpu True` is added: TrainingArguments refuses bf16 on a CPU-only machine otherwise, and without it a
+    multi-process CPU run sees a world size of 1 (DeepSpeed then rejects its batch sizes)."""
+    parser = HfArgumentParser(dataclass_types)
+    extra = []
+    if not has_accelerator() and "--use_cpu" not in argv:
+        extra = ["--use_cpu", "True"]
+    parsed = parser.parse_args_into_dataclasses(args=COMMON_DEFAULTS + defaults + extra + argv)
+    training_args = next(a for a in parsed if isinstance(a, TrainingArguments))
+    training_args.remove_unused_columns = False  # the collators need the raw columns
+    if training_args.gradient_checkpointing:
+        training_args.gradient_checkpointing_kwargs = training_args.gradient_checkpointing_kwargs or {
+            "use_reentrant": False
+        }
+    return parser, parsed
+
+
+def has_accelerator() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return torch.cuda.is_available() or bool(mps is not None and mps.is_available())
+
+
+def prepare_distributed(training_args: TrainingArguments) -> None:
+    """CPU multi-process specifics: one share of the cores per rank, and the process group that ZeRO-3 needs
+    before a model is built (the Trainer's DeepSpeed integration builds parameters partitioned under ZeRO-3)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1 and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    if training_args.deepspeed and not torch.distributed.is_initialized():
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def load_image_column(dataset, column: str, image_root: str | None):
+    """Turn a column of image paths into images (under `image_root`), failing with the row that is unreadable."""
+    import datasets
+    from PIL import Image
+
+    if column not in dataset.column_names:
+        raise ValueError(f"Column `{column}` not found; columns are {dataset.column_names} (set --image_column).")
+    if isinstance(dataset.features[column], datasets.Image):
+        return dataset
+    root = Path(image_root or ".")
+    for index, name in enumerate(dataset[column]):
+        path = root / str(name)
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except Exception as error:  # noqa: BLE001 - report which row is broken, whatever PIL raised
+            raise ValueError(f"Row {index}: cannot read image {path} ({type(error).__name__}: {error}).") from None
+    dataset = dataset.map(lambda row: {column: str(root / str(row[column]))})
+    return dataset.cast_column(column, datasets.Image())
+
+
+def load_files(train_file: str | None, validation_file: str | None, image_column: str, image_root: str | None):
+    """JSON/CSV files (or a list of rows already read, e.g. from an original annotation file) as a DatasetDict with
+    decoded images."""
+    import datasets
+
+    files = {"train": train_file}
+    if validation_file:
+        files["validation"] = validation_file
+    kind = "csv" if train_file.endswith(".csv") else "json"
+    raw = datasets.load_dataset(kind, data_files=files)
+    return datasets.DatasetDict({k: load_image_column(v, image_column, image_root) for k, v in raw.items()})
+
+
+def demo_processor(output_dir: Path, image_size: int, vocab_path: str | None = None) -> MPLUGProcessor:
+    """A processor from `vocab_path`, or from a bert-base-uncased-shaped vocabulary with the embedded dataset's
+    words (written to `output_dir/vocab.txt`)."""
+    if vocab_path is None:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        tokens = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        vocab_path = output_dir / "vocab.txt"
+        vocab_path.write_text("\n".join(tokens + shapes_vocabulary()) + "\n", encoding="utf-8")
+    return MPLUGProcessor.from_vocab_file(vocab_path, image_size=image_size)
+
+
+def demo_config(
+    vocab_size: int,
+    image_size: int = 64,
+    patch_size: int = 8,
+    vision_width: int = 128,
+    vision_layers: int = 4,
+    text_width: int = 128,
+    text_layers: int = 2,
+    cross_modal_layers: int = 4,
+    decoder_layers: int = 2,
+    **kwargs,
+) -> MPLUGConfig:
+    """A small mPLUG for the embedded dataset (no dropout; connected attention every layer after the first)."""
+    return MPLUGConfig(
+        vision_config=dict(
+            hidden_size=vision_width,
+            intermediate_size=4 * vision_width,
+            num_hidden_layers=vision_layers,
+            num_attention_heads=max(1, vision_width // 64),
+            image_size=image_size,
+            patch_size=patch_size,
+            attention_dropout=0.0,
+        ),
+        text_config=dict(
+            vocab_size=vocab_size,
+            hidden_size=text_width,
+            num_hidden_layers=text_layers,
+            num_attention_heads=max(1, text_width // 64),
+            intermediate_size=4 * text_width,
+            max_position_embeddings=64,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        ),
+        num_cross_modal_layers=cross_modal_layers,
+        connected_attention_stride=1,
+        num_decoder_layers=decoder_layers,
+        vision_projection_dropout=0.0,
+        **kwargs,
+    )
+
+
+def plot_curves(log_history: list[dict], metric: str, title: str, path: Path, ylim: tuple | None = (0, 1)) -> None:
+    """Training loss against steps and an evaluation metric (`eval_<metric>`) on a second axis, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [e["step"] for e in log_history if "loss" in e]
+    losses = [e["loss"] for e in log_history if "loss" in e]
+    key = f"eval_{metric}"
+    eval_steps = [e["step"] for e in log_history if key in e]
+    values = [e[key] for e in log_history if key in e]
+    figure, left = plt.subplots(figsize=(7, 4))
+    left.plot(steps, losses, color="tab:blue", label="training loss")
+    left.set_xlabel("step")
+    left.set_ylabel("loss", color="tab:blue")
+    right = left.twinx()
+    right.plot(eval_steps, values, "o-", color="tab:orange", label=metric)
+    right.set_ylabel(metric, color="tab:orange")
+    if ylim is not None:
+        right.set_ylim(*ylim)
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def unset_deepspeed_for_inference() -> None:
+    """After a ZeRO-3 run, load saved folders as plain checkpoints (not into the training's partitioning)."""
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+
+
+@torch.no_grad()
+def retrieval_evaluation(model, processor, dataset, image_column: str, text_column: str, k: int = 16) -> dict:
+    """Recall@1/5/10 both ways over a gallery made of `dataset` (images and their texts; rows whose text repeats
+    another row's are left out so each text has one image) through `model.retrieve` (ITC top-`k` re-ranked by ITM).
+    """
+    from transformers_mplug.metrics import retrieval_recall
+
+    texts, seen = [], set()
+    rows = []
+    for index, text in enumerate(list(dataset[text_column])):
+        if text not in seen:
+            seen.add(text)
+            rows.append(index)
+            texts.append(text)
+    subset = dataset.select(rows)
+    model.eval()
+    inputs = processor(images=list(subset[image_column]), text=texts)
+    inputs = {name: value.to(model.device) for name, value in inputs.items()}
+    result = model.retrieve(**inputs, k=min(k, len(rows)))
+    scores_i2t = torch.full(result.similarity.shape, float("-inf"))
+    scores_i2t.scatter_(1, result.image_to_text_indices.cpu(), result.image_to_text_scores.float().cpu())
+    scores_t2i = torch.full(result.similarity.t().shape, float("-inf"))
+    scores_t2i.scatter_(1, result.text_to_image_indices.cpu(), result.text_to_image_scores.float().cpu())
+    # ground truth outside the ITC top-k keeps -inf: it ranks after every re-ranked candidate
+    recall = retrieval_recall(scores_i2t, scores_t2i, list(range(len(rows))), [[i] for i in range(len(rows))])
+    recall["gallery_size"] = len(rows)
+    return recall
