@@ -184,8 +184,8 @@ def unset_deepspeed_for_inference() -> None:
 @torch.no_grad()
 def retrieval_evaluation(model, processor, dataset, image_column: str, text_column: str, k: int = 16) -> dict:
     """Recall@1/5/10 both ways over a gallery made of `dataset` (images and their texts; rows whose text repeats
-    another row's are left out so each text has one image) through `model.retrieve` (ITC top-`k` re-ranked by ITM).
-    """
+    another row's are left out so each text has one image) through `model.retrieve` (ITC top-`k` re-ranked by ITM),
+    and the same for the ITC ranking alone (`itc_*`)."""
     from transformers_mplug.metrics import retrieval_recall
 
     texts, seen = [], set()
@@ -205,6 +205,11 @@ def retrieval_evaluation(model, processor, dataset, image_column: str, text_colu
     scores_t2i = torch.full(result.similarity.t().shape, float("-inf"))
     scores_t2i.scatter_(1, result.text_to_image_indices.cpu(), result.text_to_image_scores.float().cpu())
     # ground truth outside the ITC top-k keeps -inf: it ranks after every re-ranked candidate
-    recall = retrieval_recall(scores_i2t, scores_t2i, list(range(len(rows))), [[i] for i in range(len(rows))])
+    truth_t2i, truth_i2t = list(range(len(rows))), [[i] for i in range(len(rows))]
+    recall = retrieval_recall(scores_i2t, scores_t2i, truth_t2i, truth_i2t)
+    # the ITC ranking alone, before the ITM re-ranking
+    similarity = result.similarity.float().cpu()
+    itc = retrieval_recall(similarity, similarity.t(), truth_t2i, truth_i2t)
+    recall.update({f"itc_{k}": v for k, v in itc.items()})
     recall["gallery_size"] = len(rows)
     return recall

@@ -262,9 +262,11 @@ def main(argv: list[str] | None = None) -> dict:
             trainer.state.log_history, "r_mean", "mPLUG retrieval", output_dir / "training_curves.png", (0, 100)
         )
         logger.info(
-            "held-out text R@1 %.1f, image R@1 %.1f (chance %.1f) over %d pairs after %.0f s",
+            "held-out text R@1 %.1f, image R@1 %.1f (ITC alone: %.1f, %.1f; chance %.1f) over %d pairs after %.0f s",
             metrics["eval_txt_r1"],
             metrics["eval_img_r1"],
+            metrics["eval_itc_txt_r1"],
+            metrics["eval_itc_img_r1"],
             metrics["chance_r1"],
             gallery,
             train_seconds,

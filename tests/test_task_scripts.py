@@ -1,0 +1,287 @@
+"""examples/run_captioning.py (cross-entropy and SCST), run_retrieval.py and run_grounding.py as a user runs them
+(tiny models, a few steps), their data options and errors, and the SCST loss itself."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from transformers_mplug import (
+    MPLUGConfig,
+    MPLUGForCaptioning,
+    MPLUGForGrounding,
+    MPLUGForRetrieval,
+    MPLUGProcessor,
+    self_critical_loss,
+)
+from transformers_mplug.data import shapes_examples
+from transformers_mplug.metrics import CiderD
+
+from .conftest import REPO_ROOT
+
+TINY = "--vision_width 32 --vision_layers 1 --text_width 32 --image_size 32 --patch_size 16"
+TINY += " --per_device_train_batch_size 8 --per_device_eval_batch_size 8 --logging_steps 1"
+
+
+def run(script: str, tmp_path: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "examples" / script), *TINY.split(), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+        env=env,
+    )
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+def small_run(tmp_path: Path, name: str, steps: int = 3) -> list[str]:
+    return [
+        "--output_dir",
+        str(tmp_path / name),
+        "--num_train_examples",
+        "32",
+        "--num_eval_examples",
+        "12",
+        "--max_steps",
+        str(steps),
+    ]
+
+
+# ------------------------------------------------------------------------------------------------ captioning
+def test_run_captioning_then_scst_from_the_saved_folder(tmp_path):
+    run("run_captioning.py", tmp_path, *small_run(tmp_path, "xe", steps=4), "--decoder_layers", "1")
+    metrics = json.loads((tmp_path / "xe" / "metrics.json").read_text())
+    assert {"eval_BLEU_1", "eval_BLEU_4", "eval_CIDEr_D", "eval_loss"} <= set(metrics) and not metrics["scst"]
+    model = MPLUGForCaptioning.from_pretrained(tmp_path / "xe")
+    assert model.generation_config.num_beams == 5 and (tmp_path / "xe" / "training_curves.png").exists()
+    run(
+        "run_captioning.py",
+        tmp_path,
+        *small_run(tmp_path, "scst", steps=2),
+        "--model_name_or_path",
+        str(tmp_path / "xe"),
+        "--scst",
+        "--scst_num_beams",
+        "3",
+        "--max_new_tokens",
+        "6",
+        "--eval_strategy",
+        "no",
+    )
+    metrics = json.loads((tmp_path / "scst" / "metrics.json").read_text())
+    assert metrics["scst"] and "last_scst_reward" in metrics and metrics["last_scst_reward"] >= 0
+    assert "eval_CIDEr_D" in metrics  # the SCST model is evaluated like the cross-entropy one
+
+
+def test_run_captioning_reads_alicemind_caption_annotations(tmp_path):
+    rows = shapes_examples(6, seed=4, image_size=32)
+    (tmp_path / "images").mkdir()
+    annotations = []
+    for index, row in enumerate(rows):
+        row["image"].save(tmp_path / "images" / f"{index}.png")
+        annotations.append({"image": f"{index}.png", "caption": [row["caption"], row["description"]]})
+    (tmp_path / "train.json").write_text(json.dumps(annotations))
+    run(
+        "run_captioning.py",
+        tmp_path,
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--train_file",
+        str(tmp_path / "train.json"),
+        "--annotation_format",
+        "alicemind",
+        "--image_root",
+        str(tmp_path / "images"),
+        "--max_steps",
+        "1",
+        "--decoder_layers",
+        "1",
+    )
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["eval_CIDEr_D"] >= 0
+    annotations[2]["caption"] = [""]
+    (tmp_path / "bad.json").write_text(json.dumps(annotations))
+    bad = run(
+        "run_captioning.py",
+        tmp_path,
+        "--output_dir",
+        str(tmp_path / "bad"),
+        "--train_file",
+        str(tmp_path / "bad.json"),
+        "--annotation_format",
+        "alicemind",
+        "--image_root",
+        str(tmp_path / "images"),
+        check=False,
+    )
+    assert bad.returncode != 0 and "entry 2" in bad.stderr
+
+
+def _tiny_captioner() -> MPLUGForCaptioning:
+    torch.manual_seed(0)
+    config = MPLUGConfig(
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=16,
+        ),
+        text_config=dict(
+            vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+        ),
+        num_cross_modal_layers=1,
+        num_decoder_layers=1,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return MPLUGForCaptioning(config)
+
+
+def test_self_critical_loss_raises_the_reward():
+    model = _tiny_captioner()
+    pixel_values = torch.randn(2, 3, 32, 32)
+
+    def decode(sequences):
+        return [" ".join(map(str, row.tolist())) for row in sequences]
+
+    with torch.no_grad():
+        beams = model.eval().generate(
+            pixel_values=pixel_values, num_beams=4, num_return_sequences=4, max_new_tokens=5, min_new_tokens=1
+        )
+    hypotheses = [set(h.split()) for h in decode(beams[:4, 1:])]
+    # reward: how often a token appears that some, not all, of the first image's hypotheses contain
+    token = next(t for t in sorted(set.union(*hypotheses)) if 0 < sum(t in h for h in hypotheses) < 4)
+
+    def reward(captions, references):
+        return [float(c.split().count(token)) for c in captions]
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    means = []
+    for _ in range(6):
+        loss, rewards = self_critical_loss(
+            model, pixel_values, [["a"], ["b"]], reward, decode, num_beams=4, max_new_tokens=5
+        )
+        assert rewards.shape == (2, 4)
+        means.append(float(rewards.mean()))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert means[-1] > means[0]  # the policy moved towards the rewarded token
+    with pytest.raises(ValueError, match="num_beams"):
+        self_critical_loss(model, pixel_values, [["a"], ["b"]], reward, decode, num_beams=1)
+    with pytest.raises(ValueError, match="references"):
+        self_critical_loss(model, pixel_values, [["a"]], reward, decode)
+
+
+def test_advantage_is_zero_when_every_hypothesis_scores_the_same():
+    model = _tiny_captioner()
+    loss, rewards = self_critical_loss(
+        model, torch.randn(1, 3, 32, 32), [["x"]], lambda c, r: [1.0] * len(c), lambda s: ["x"] * len(s), num_beams=3
+    )
+    assert torch.equal(rewards, torch.ones(1, 3)) and float(loss) == 0.0
+
+
+def test_cider_scorer_matches_the_corpus_metric():
+    from transformers_mplug.metrics import cider_d
+
+    predictions = ["a red circle", "a blue square and a red circle", "two green triangles"]
+    references = [["a red circle", "red circle"], ["a blue square and a red circle"], ["a green triangle"]]
+    scores = CiderD(references).scores(predictions, references)
+    assert sum(scores) / 3 == pytest.approx(cider_d(predictions, references))
+    assert scores[1] > scores[2]
+
+
+# ------------------------------------------------------------------------------------------------ retrieval
+def test_run_retrieval_reports_recall_through_the_retrieval_api(tmp_path):
+    run(
+        "run_retrieval.py",
+        tmp_path,
+        *small_run(tmp_path, "out"),
+        "--text_layers",
+        "1",
+        "--cross_modal_layers",
+        "2",
+        "--k_test",
+        "4",
+    )
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    for key in ("eval_txt_r1", "eval_txt_r5", "eval_txt_r10", "eval_img_r1", "eval_img_r10", "eval_r_mean"):
+        assert 0 <= metrics[key] <= 100
+    assert metrics["eval_img_r1"] <= metrics["eval_img_r5"] <= metrics["eval_img_r10"]
+    assert metrics["chance_r1"] == pytest.approx(100 / metrics["eval_gallery_size"])
+    model, info = MPLUGForRetrieval.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert metrics["train_seconds"] > 0
+
+
+def test_run_retrieval_errors_name_the_column(tmp_path):
+    result = run("run_retrieval.py", tmp_path, *small_run(tmp_path, "out"), "--text_column", "nope", check=False)
+    assert result.returncode != 0 and "`nope`" in result.stderr
+
+
+# ------------------------------------------------------------------------------------------------ grounding
+def test_run_grounding_reports_acc_at_05(tmp_path):
+    run(
+        "run_grounding.py",
+        tmp_path,
+        *small_run(tmp_path, "out"),
+        "--text_layers",
+        "1",
+        "--cross_modal_layers",
+        "2",
+        "--decoder_layers",
+        "1",
+    )
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert 0 <= metrics["eval_acc_at_0.5"] <= 1 and 0 <= metrics["mean_box_acc_at_0.5"] <= 1
+    model = MPLUGForGrounding.from_pretrained(tmp_path / "out")
+    processor = MPLUGProcessor.from_pretrained(tmp_path / "out")
+    # the demo's coordinate tokens travel with the folder
+    assert processor.num_coordinate_bins == model.config.num_coordinate_bins == 64
+    assert processor.coordinate_token_start_id == model.config.coordinate_token_start_id
+    row = shapes_examples(1, seed=9, image_size=32)[0]
+    batch = processor.prepare_grounding(row["image"], row["phrase"])
+    boxes = processor.post_process_grounding(
+        model.predict_boxes(batch["pixel_values"], batch["input_ids"], batch["attention_mask"]),
+        batch["image_geometry"],
+    )
+    assert len(boxes) == 1 and len(boxes[0]["box"]) == 4
+
+
+def test_run_grounding_rejects_rows_without_a_phrase(tmp_path):
+    rows = shapes_examples(8, seed=4, image_size=32)
+    (tmp_path / "images").mkdir()
+    records = []
+    for index, row in enumerate(rows):
+        row["image"].save(tmp_path / "images" / f"{index}.png")
+        records.append({"image": f"{index}.png", "phrase": row["phrase"] if index != 3 else "", "box": row["box"]})
+    (tmp_path / "refs.json").write_text(json.dumps(records))
+    result = run(
+        "run_grounding.py",
+        tmp_path,
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--train_file",
+        str(tmp_path / "refs.json"),
+        "--image_root",
+        str(tmp_path / "images"),
+        "--per_device_train_batch_size",
+        "8",
+        "--max_steps",
+        "1",
+        "--dataloader_drop_last",
+        "False",
+        check=False,
+    )
+    assert result.returncode != 0 and "`phrase` is empty" in result.stderr
