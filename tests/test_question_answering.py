@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import GenerationConfig
+from transformers.cache_utils import EncoderDecoderCache
 
 from transformers_mplug import MPLUGForQuestionAnswering, MPLUGModel
 
@@ -189,8 +190,11 @@ def test_kv_cache_gives_same_result_as_no_cache(qa_model):
     assert torch.equal(with_cache.sequences, without.sequences)
     torch.testing.assert_close(with_cache.sequences_scores, without.sequences_scores, atol=1e-5, rtol=1e-5)
     cache = with_cache.get("cache", with_cache.get("past_key_values"))
-    assert cache is not None and type(cache).__name__ == "EncoderDecoderCache"
+    assert isinstance(cache, EncoderDecoderCache)
     assert cache.cross_attention_cache.get_seq_length() == qa_model.config.num_image_tokens + 7
+    # the memory's keys/values are held once per image (3), not once per beam copy (3 x 3)
+    assert cache.cross_attention_cache.layers[0].keys.shape[0] == 3
+    assert cache.self_attention_cache.layers[0].keys.shape[0] == 9
 
 
 def test_padded_batch_gives_same_answers_as_one_by_one(qa_model):
@@ -296,3 +300,65 @@ def test_rank_answers_on_video(qa_model):
     inputs = tiny_inputs(qa_model.config, batch_size=1)
     inputs["pixel_values"] = torch.randn(1, 2, 3, 32, 32)
     assert qa_model.rank_answers(candidates(), **inputs, k=2).indices.shape == (1, 2)
+
+
+def _count_memory_projections(model):
+    """Rows passed through the decoder's cross-attention key projection, per call."""
+    calls = []
+    handles = [
+        layer.crossattention.self.key.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+        for layer in model.text_decoder.bert.encoder.layer
+    ]
+    return calls, handles
+
+
+def test_memory_keys_values_are_computed_once_per_image_for_all_beams_and_candidates(qa_model):
+    inputs = tiny_inputs(qa_model.config)
+    layers = len(qa_model.text_decoder.bert.encoder.layer)
+    calls, handles = _count_memory_projections(qa_model)
+    try:
+        qa_model.generate(**inputs, num_beams=4, max_new_tokens=6)
+        assert calls == [3] * layers  # one projection per layer, 3 image rows; none per beam or per step
+        calls.clear()
+        candidates = torch.randint(3, 100, (10, 4))
+        candidates[:, 0] = BOS
+        qa_model.rank_answers(candidates, k=6, **inputs)
+        assert calls == [3] * layers  # shared by the first-token step and the 3 x 6 candidate sequences
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_shared_memory_cross_attention_equals_attention_to_expanded_memory(attn_implementation):
+    from transformers.cache_utils import DynamicCache
+    from transformers.models.bert.modeling_bert import BertCrossAttention
+
+    from transformers_mplug.modeling_mplug import MPLUGSharedMemoryCache, MPLUGSharedMemoryCrossAttention
+
+    torch.manual_seed(0)
+    config = tiny_config(attn_implementation=attn_implementation).decoder_config()
+    config._attn_implementation = attn_implementation
+    shared = MPLUGSharedMemoryCrossAttention(config, layer_idx=0).eval()
+    reference = BertCrossAttention(config, layer_idx=0).eval()
+    reference.load_state_dict(shared.state_dict())
+    images, group, length, tokens = 2, 3, 4, 7
+    memory = torch.randn(images, tokens, config.hidden_size)
+    queries = torch.randn(images * group, length, config.hidden_size)
+    mask = torch.zeros(images, 1, 1, tokens)
+    mask[1, ..., 5:] = torch.finfo(torch.float32).min  # padded memory of the second image
+    expanded_mask = mask.repeat_interleave(group, 0)
+    with torch.no_grad():
+        expected, expected_weights = reference(
+            queries, encoder_hidden_states=memory.repeat_interleave(group, 0), attention_mask=expanded_mask
+        )
+        cache = MPLUGSharedMemoryCache(DynamicCache(), DynamicCache())
+        key, value = shared.project_memory(memory)
+        cache.cross_attention_cache.update(key, value, 0)
+        cache.is_updated[0] = True
+        output, weights = shared(queries, attention_mask=expanded_mask, cache=cache)
+    torch.testing.assert_close(output, expected, atol=1e-6, rtol=1e-5)
+    if expected_weights is not None:
+        torch.testing.assert_close(weights, expected_weights, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="cannot share"):
+        shared(queries[:5], attention_mask=None, cache=cache)

@@ -21,12 +21,15 @@ from transformers import initialization as init
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.bert.modeling_bert import (
     BertAttention,
+    BertCrossAttention,
     BertEmbeddings,
     BertIntermediate,
     BertOnlyMLMHead,
     BertOutput,
+    eager_attention_forward,
 )
 from transformers.models.clip.modeling_clip import CLIPEncoder, CLIPVisionEmbeddings
 from transformers.utils import ModelOutput, logging
@@ -473,6 +476,88 @@ class MPLUGModel(MPLUGPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
 
+# ------------------------------------------------------------------------------------------------ decoder memory
+class MPLUGSharedMemoryCrossAttention(BertCrossAttention):
+    """The decoder's cross-attention to the memory, with the memory's keys/values computed once per image and shared
+    by every sequence decoded for it (beam hypotheses, candidate answers).
+
+    When the cached keys/values have fewer rows than the queries (`queries = images * group`, rows grouped per image
+    as `generate` expands them), the queries of each group attend to their image's keys/values in one batched call
+    of the attention interface. Same parameters (`query`, `key`, `value`) and outputs as `BertCrossAttention`.
+    """
+
+    def project_memory(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values `(B, heads, N, head_size)` of a memory `(B, N, hidden_size)`."""
+        shape = (*memory.shape[:-1], -1, self.attention_head_size)
+        return self.key(memory).view(shape).transpose(1, 2), self.value(memory).view(shape).transpose(1, 2)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: EncoderDecoderCache | None = None,
+        past_key_values: EncoderDecoderCache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        cache = cache if cache is not None else past_key_values  # the cache's name differs across releases
+        batch_size, length = hidden_states.shape[:2]
+        heads, head_size = self.num_attention_heads, self.attention_head_size
+        query = self.query(hidden_states).view(batch_size, length, heads, head_size).transpose(1, 2)
+        if cache is not None and cache.is_updated.get(self.layer_idx):
+            layer = cache.cross_attention_cache.layers[self.layer_idx]
+            key, value = layer.keys, layer.values
+        else:
+            key, value = self.project_memory(encoder_hidden_states)
+            if cache is not None:
+                key, value = cache.cross_attention_cache.update(key, value, self.layer_idx)
+                cache.is_updated[self.layer_idx] = True
+        images = key.shape[0]
+        if batch_size % images:
+            raise ValueError(f"{batch_size} decoder rows cannot share the memory of {images} images.")
+        group = batch_size // images
+        if group > 1:  # (images * group, heads, L, d) -> (images, heads, group * L, d)
+            query = query.view(images, group, heads, length, head_size).transpose(1, 2)
+            query = query.reshape(images, heads, group * length, head_size)
+            if attention_mask is not None:
+                attention_mask = attention_mask[::group]
+                if attention_mask.dim() == 4 and attention_mask.shape[-2] > 1:
+                    attention_mask = attention_mask.repeat(1, 1, group, 1)
+        interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        output, weights = interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=0.0 if not self.training else self.dropout.p,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        output = output.reshape(batch_size, length, heads * head_size).contiguous()
+        if weights is not None and group > 1:
+            weights = (
+                weights.view(images, heads, group, length, -1).transpose(1, 2).reshape(batch_size, heads, length, -1)
+            )
+        return output, weights
+
+
+class MPLUGSharedMemoryCache(EncoderDecoderCache):
+    """An [`EncoderDecoderCache`] whose cross-attention part holds the memory's keys/values once per image: beam
+    search reorders only the self-attention part (the memory of an image is the same for all its beams)."""
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.self_attention_cache.reorder_cache(beam_idx)
+
+
+def _share_memory_across_sequences(decoder: BertLMHeadModel) -> BertLMHeadModel:
+    """Swap the decoder's cross-attention for [`MPLUGSharedMemoryCrossAttention`] (same parameter names)."""
+    for layer in decoder.bert.encoder.layer:
+        old = layer.crossattention.self
+        layer.crossattention.self = MPLUGSharedMemoryCrossAttention(old.config, layer_idx=old.layer_idx)
+    return decoder
+
+
 # ------------------------------------------------------------------------------------------------ task heads
 @dataclass
 class MPLUGDecoderOutput(ModelOutput):
@@ -624,6 +709,15 @@ class MPLUGDecoderHeadMixin:
             return_dict=True,
         ).logits
 
+    def _memory_cache(self, memory: torch.Tensor) -> MPLUGSharedMemoryCache:
+        """A decoding cache holding the memory's cross-attention keys/values, computed here once per image."""
+        cache = MPLUGSharedMemoryCache(DynamicCache(), DynamicCache())
+        for index, layer in enumerate(self.text_decoder.bert.encoder.layer):
+            key, value = layer.crossattention.self.project_memory(memory)
+            cache.cross_attention_cache.update(key, value, index)
+            cache.is_updated[index] = True
+        return cache
+
     def _generate_from_memory(
         self,
         memory: torch.Tensor,
@@ -645,8 +739,9 @@ class MPLUGDecoderHeadMixin:
         )
         model_kwargs = generation_config.update(**kwargs)
         if generation_config.use_cache is not False and _CACHE_ARGUMENT not in model_kwargs:
-            # the decoder cross-attends to the memory: its cache must hold self- and cross-attention keys/values
-            model_kwargs[_CACHE_ARGUMENT] = EncoderDecoderCache(DynamicCache(), DynamicCache())
+            # the memory's keys/values are computed once per image and shared by its beams (see
+            # MPLUGSharedMemoryCrossAttention); the self-attention part grows as tokens are generated
+            model_kwargs[_CACHE_ARGUMENT] = self._memory_cache(memory)
         return self.text_decoder.generate(
             input_ids=prompt_ids,
             attention_mask=torch.ones_like(prompt_ids),
@@ -691,7 +786,7 @@ class MPLUGForQuestionAnswering(MPLUGDecoderHeadMixin, MPLUGPreTrainedModel, Gen
     def __init__(self, config: MPLUGConfig) -> None:
         super().__init__(config)
         self.mplug = MPLUGModel(config)
-        self.text_decoder = BertLMHeadModel(config.decoder_config())
+        self.text_decoder = _share_memory_across_sequences(BertLMHeadModel(config.decoder_config()))
         self.post_init()
         self.generation_config = self.default_generation_config(config)
 
@@ -857,14 +952,32 @@ class MPLUGForQuestionAnswering(MPLUGDecoderHeadMixin, MPLUGPreTrainedModel, Gen
         candidate_input_ids = candidate_input_ids.to(device)
         candidate_attention_mask = candidate_attention_mask.to(device)
 
+        # the memory's keys/values: computed once per question, shared by the first step and all k candidates
+        shared = self._memory_cache(memory)
+
+        def decode(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            cache = MPLUGSharedMemoryCache(DynamicCache(), shared.cross_attention_cache)
+            cache.is_updated.update(shared.is_updated)
+            rows = ids.shape[0]
+            return self.text_decoder(
+                input_ids=ids,
+                attention_mask=mask,
+                # only its shape is read (the keys/values come from the cache): a view, no copy per candidate
+                encoder_hidden_states=memory[:1].expand(rows, -1, -1),
+                encoder_attention_mask=memory_mask.repeat_interleave(rows // batch_size, 0),
+                use_cache=True,
+                return_dict=True,
+                **{_CACHE_ARGUMENT: cache},
+            ).logits
+
         start = candidate_input_ids[:1, :1].expand(batch_size, 1)
-        first_logits = self._decode(start, torch.ones_like(start), memory, memory_mask)[:, 0]
+        first_logits = decode(start, torch.ones_like(start))[:, 0]
         first_probs = first_logits.float().softmax(dim=-1)[:, candidate_input_ids[:, 1]]
         top_probs, top_ids = first_probs.topk(k, dim=1)
 
         ids = candidate_input_ids[top_ids].flatten(0, 1)
         mask = candidate_attention_mask[top_ids].flatten(0, 1)
-        logits = self._decode(ids, mask, memory.repeat_interleave(k, 0), memory_mask.repeat_interleave(k, 0))
+        logits = decode(ids, mask)
         nll = _sequence_nll(logits, ids.masked_fill(mask == 0, -100)).view(batch_size, k)
         scores = top_probs.log() - nll
         probabilities, order = scores.softmax(dim=-1).sort(dim=1, descending=True)
@@ -905,7 +1018,7 @@ class MPLUGForCaptioning(MPLUGDecoderHeadMixin, MPLUGPreTrainedModel, Generation
     def __init__(self, config: MPLUGConfig) -> None:
         super().__init__(config)
         self.mplug = MPLUGModel(config, vision_only=True)
-        self.text_decoder = BertLMHeadModel(config.decoder_config())
+        self.text_decoder = _share_memory_across_sequences(BertLMHeadModel(config.decoder_config()))
         self.post_init()
         self.generation_config = self.default_generation_config(config)
 
@@ -1497,7 +1610,7 @@ class MPLUGForGrounding(MPLUGDecoderHeadMixin, MPLUGPreTrainedModel):
         if start <= prefix < start + bins:
             raise ValueError("`grounding_prefix_token_id` must not be a coordinate token.")
         self.mplug = MPLUGModel(config)
-        self.text_decoder = BertLMHeadModel(config.decoder_config())
+        self.text_decoder = _share_memory_across_sequences(BertLMHeadModel(config.decoder_config()))
         self.post_init()
 
     def _coordinate_mask(self, logits: torch.Tensor) -> torch.Tensor:
@@ -1750,7 +1863,7 @@ class MPLUGForPreTraining(MPLUGForRetrieval):
         MPLUGPreTrainedModel.__init__(self, config)
         self._build_retrieval_modules(config)
         self.mlm_head = BertOnlyMLMHead(config.text_config)
-        self.text_decoder = BertLMHeadModel(config.decoder_config())
+        self.text_decoder = _share_memory_across_sequences(BertLMHeadModel(config.decoder_config()))
         self.momentum_encoder = MPLUGMomentumEncoder(config)
         queue = max(config.queue_size, 1)
         self.register_buffer("image_queue", torch.zeros(config.projection_dim, queue))
@@ -1987,4 +2100,6 @@ __all__ = [
     "MPLUGForPreTraining",
     "MPLUGPreTrainingOutput",
     "MPLUGMomentumEncoder",
+    "MPLUGSharedMemoryCrossAttention",
+    "MPLUGSharedMemoryCache",
 ]
