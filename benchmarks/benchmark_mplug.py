@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -296,18 +295,35 @@ def bench_retrieval(args) -> list[dict]:
     return rows
 
 
-def bench_parameters(size: dict) -> dict:
-    torch.manual_seed(0)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    model = MPLUGForQuestionAnswering(mplug_config(size)).eval()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    parameters = sum(p.numel() for p in model.parameters())
+RESIDENT = r"""
+import json, os, sys, torch
+sys.path.insert(0, {here!r})
+from benchmark_mplug import SIZES, mplug_config
+from transformers_mplug import MPLUGForQuestionAnswering
+
+def resident_bytes():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+before = resident_bytes()
+model = MPLUGForQuestionAnswering(mplug_config(SIZES[{size!r}])).eval()
+print(json.dumps({{"parameters": sum(p.numel() for p in model.parameters()), "resident_bytes": resident_bytes() - before}}))
+"""
+
+
+def bench_parameters(args) -> dict:
+    """Parameters of a VQA model (only what runs) and the resident memory it adds, in a fresh process."""
+    code = RESIDENT.format(here=str(Path(__file__).parent), size=args.size)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
+    if result.returncode != 0:
+        raise RuntimeError(result.stderr[-2000:])
+    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    parameters = measured["parameters"]
     return {
         "parameters": parameters,
         "fp32_gb": parameters * 4 / 1e9,
+        "resident_gb": measured["resident_bytes"] / 1e9,
         "original_parameters": ORIGINAL_BASE_VQA_PARAMETERS,
         "ratio_to_original": parameters / ORIGINAL_BASE_VQA_PARAMETERS,
-        "resident_increase_gb": (after - before) / 1024 / 1024,
     }
 
 
@@ -385,7 +401,7 @@ def main(argv: list[str] | None = None) -> dict:
         section_start = time.perf_counter()
         results[key] = run()
         print(f"\n### {title} ({time.perf_counter() - section_start:.0f} s)\n\n{table(results[key])}", flush=True)
-    results["parameters"] = bench_parameters(size)
+    results["parameters"] = bench_parameters(args)
     print(f"\n### 6. Parameters of a {args.size} VQA model\n\n{table([results['parameters']])}")
     results["total_seconds"] = time.perf_counter() - started
     (output_dir / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")

@@ -61,6 +61,14 @@ def prepare_distributed(training_args: TrainingArguments) -> None:
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
+def finish_distributed() -> None:
+    """Wait for every rank, then close the process group: a rank that exits while another still holds the group
+    can abort at interpreter shutdown ("terminate called without an active exception")."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def load_image_column(dataset, column: str, image_root: str | None):
     """Turn a column of image paths into images (under `image_root`), failing with the row that is unreadable."""
     import datasets

@@ -30,6 +30,7 @@ import transformers
 from mplug_examples import (
     demo_config,
     demo_processor,
+    finish_distributed,
     load_image_column,
     parse_with_defaults,
     plot_curves,
@@ -314,6 +315,7 @@ def main(argv: list[str] | None = None) -> dict:
             metrics["eval_CIDEr_D"],
             train_seconds,
         )
+    finish_distributed()
     return metrics
 
 

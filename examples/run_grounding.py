@@ -29,6 +29,7 @@ import transformers
 from mplug_examples import (
     demo_config,
     demo_processor,
+    finish_distributed,
     load_files,
     parse_with_defaults,
     plot_curves,
@@ -247,6 +248,7 @@ def main(argv: list[str] | None = None) -> dict:
             metrics["mean_box_acc_at_0.5"],
             train_seconds,
         )
+    finish_distributed()
     return metrics
 
 

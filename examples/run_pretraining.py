@@ -28,6 +28,7 @@ import transformers
 from mplug_examples import (
     demo_config,
     demo_processor,
+    finish_distributed,
     load_files,
     parse_with_defaults,
     plot_curves,
@@ -250,6 +251,7 @@ def main(argv: list[str] | None = None) -> dict:
         processor.save_pretrained(training_args.output_dir)
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
         plot_curves(trainer.state.log_history, "loss", "mPLUG pretraining", output_dir / "training_curves.png", None)
+    finish_distributed()
     return metrics
 
 

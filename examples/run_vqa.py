@@ -27,7 +27,11 @@ from pathlib import Path
 
 import torch
 import transformers
-from mplug_examples import load_image_column, prepare_distributed  # the examples folder (next to this script)
+from mplug_examples import (  # the examples folder (next to this script)
+    finish_distributed,
+    load_image_column,
+    prepare_distributed,
+)
 from transformers import HfArgumentParser, Trainer, TrainingArguments, pipeline, set_seed
 
 from transformers_mplug import MPLUGConfig, MPLUGForQuestionAnswering, MPLUGProcessor
@@ -433,6 +437,7 @@ def main(argv: list[str] | None = None) -> dict:
                     f"Q: {row[data_args.question_column]:<40} A: {answer['answer']:<14} "
                     f"(p={answer['score']:.2f}; expected {truth})"
                 )
+    finish_distributed()
     return metrics
 
 

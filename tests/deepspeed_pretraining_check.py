@@ -123,6 +123,9 @@ def main(deepspeed_config: str, vocab: str, output_dir: str) -> None:
     }
     with open(f"{output_dir}/report_rank{rank}.json", "w") as handle:
         json.dump(report, handle)
+    # leave together: a rank exiting while the other still holds the process group can abort at shutdown
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
+from transformers import pipeline
 
 from transformers_mplug import MPLUGForQuestionAnswering
 from transformers_mplug.data import shapes_examples
@@ -241,6 +243,10 @@ def test_run_vqa_under_two_process_deepspeed(tmp_path, config, stage):
         "no",
         "--demo_questions",
         "1",
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "3",
         "--output_dir",
         str(out),
     ]
@@ -254,6 +260,33 @@ def test_run_vqa_under_two_process_deepspeed(tmp_path, config, stage):
     assert {t.dtype for t in weights.values()} == {torch.bfloat16}
     assert all(t.numel() > 0 for t in weights.values())
     assert result.stdout.count("Q: ") == 1  # answered through the pipeline from the saved folder
+    # the step-3 checkpoint's ZeRO shards consolidate into an fp32 folder (tied weights restored, strict load)
+    consolidated = tmp_path / "consolidated"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "examples" / "consolidate_deepspeed_checkpoint.py"),
+            "--checkpoint_dir",
+            str(out / "checkpoint-3"),
+            "--output_dir",
+            str(consolidated),
+            "--processor_path",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    fp32, info = MPLUGForQuestionAnswering.from_pretrained(consolidated, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert {t.dtype for t in load_file(consolidated / "model.safetensors").values()} == {torch.float32}
+    for name, tensor in model.state_dict().items():  # the bf16 weights saved at the end of the same 3 steps
+        torch.testing.assert_close(fp32.state_dict()[name].to(torch.bfloat16), tensor, atol=2e-2, rtol=2e-2, msg=name)
+    assert fp32.generation_config.num_beams == 5
+    answer = pipeline("visual-question-answering", model=str(consolidated))(Image.new("RGB", (32, 32)), "how many?")
+    assert isinstance(answer[0]["answer"], str)
 
 
 def test_alicemind_answer_weights_follow_the_original(tmp_path):

@@ -362,3 +362,20 @@ def test_shared_memory_cross_attention_equals_attention_to_expanded_memory(attn_
         torch.testing.assert_close(weights, expected_weights, atol=1e-6, rtol=1e-5)
     with pytest.raises(ValueError, match="cannot share"):
         shared(queries[:5], attention_mask=None, cache=cache)
+
+
+def test_trainer_neither_rescales_the_loss_by_the_world_size_nor_passes_token_counts(tmp_path):
+    # transformers multiplies the loss by the number of processes when a model accepts `num_items_in_batch`
+    # (`model_accepts_loss_kwargs`); mPLUG's losses keep the original normalisation, so that must stay off
+    from transformers import Trainer, TrainingArguments
+
+    model = MPLUGForQuestionAnswering(tiny_config())
+    trainer = Trainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True))
+    assert trainer.model_accepts_loss_kwargs is False
+    inputs = tiny_inputs(model.config)
+    labels = torch.tensor([[BOS, 7, 8, EOS]] * 3)
+    model.eval()
+    with torch.no_grad():
+        expected = model(**inputs, labels=labels).loss
+        got = trainer.compute_loss(model, {**inputs, "labels": labels}, num_items_in_batch=torch.tensor(9))
+    torch.testing.assert_close(got, expected)

@@ -1,0 +1,52 @@
+"""benchmarks/benchmark_mplug.py runs every section and writes its table, JSON and plot (tiny sizes; no timing is
+asserted: speed targets live in the benchmark's own output)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from .conftest import REPO_ROOT
+
+
+def test_benchmark_script_writes_every_section(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "benchmarks" / "benchmark_mplug.py"),
+            "--size",
+            "tiny",
+            "--repeats",
+            "1",
+            "--batch_size",
+            "2",
+            "--train_batch_size",
+            "2",
+            "--num_candidates",
+            "64",
+            "--galleries",
+            "20",
+            "40",
+            "--no_bf16",
+            "--output_dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    models = {row["model"] for row in results["generate"]}
+    assert {"BLIP (transformers)", "mPLUG sdpa", "mPLUG eager", "mPLUG sdpa, no KV cache"} <= models
+    assert [row["call"].split()[0] for row in results["rank"]] == ["generate", "rank_answers", "rank_answers"]
+    assert [row["layers"] for row in results["schedules"]][:2] == ["cC", "cc"]
+    assert all(row["gflops"] > 0 for row in results["schedules"])
+    assert [row["gradient_checkpointing"] for row in results["training"]] == [False, True]
+    assert [row["gallery"] for row in results["retrieval"]] == [20, 40]
+    assert results["parameters"]["parameters"] > 0 and results["parameters"]["resident_gb"] > 0
+    assert (tmp_path / "results.png").stat().st_size > 1000
+    assert "### 6. Parameters" in result.stdout
