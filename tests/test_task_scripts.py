@@ -285,3 +285,106 @@ def test_run_grounding_rejects_rows_without_a_phrase(tmp_path):
         check=False,
     )
     assert result.returncode != 0 and "`phrase` is empty" in result.stderr
+
+
+# ------------------------------------------------------------------------------------------------ visual entailment
+def test_visual_entailment_head_shapes_loss_save_load_and_batching(tmp_path):
+    from transformers_mplug import MPLUGForVisualEntailment
+
+    from .conftest import tiny_config, tiny_inputs
+
+    torch.manual_seed(0)
+    config = tiny_config(id2label={0: "entailment", 1: "neutral", 2: "contradiction"})
+    model = MPLUGForVisualEntailment(config).eval()
+    inputs = tiny_inputs(config, padded=True)
+    labels = torch.tensor([0, 2, 1])
+    with torch.no_grad():
+        out = model(**inputs, labels=labels)
+    assert out.logits.shape == (3, 3)
+    torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(out.logits, labels))
+    with torch.no_grad():  # padded batch == one by one
+        for row in range(3):
+            keep = int(inputs["attention_mask"][row].sum())
+            alone = model(
+                pixel_values=inputs["pixel_values"][row : row + 1], input_ids=inputs["input_ids"][row : row + 1, :keep]
+            )
+            torch.testing.assert_close(alone.logits[0], out.logits[row], atol=1e-5, rtol=1e-4)
+    model.save_pretrained(tmp_path)
+    loaded, info = MPLUGForVisualEntailment.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and loaded.config.id2label[2] == "contradiction"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, out.logits, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="class ids"):
+        model(**inputs, labels=torch.tensor([0, 3, 1]))
+    with pytest.raises(ValueError, match="shape"):
+        model(**inputs, labels=torch.tensor([0, 1]))
+
+
+def test_entailment_examples_are_balanced_and_consistent():
+    from transformers_mplug.data import ENTAILMENT_LABELS, shapes_entailment_examples
+
+    rows = shapes_entailment_examples(300, seed=3, image_size=32)
+    counts = [sum(r["label"] == k for r in rows) for k in range(3)]
+    assert counts == [100, 100, 100]
+    for row in rows:
+        assert ENTAILMENT_LABELS[row["label"]] == row["label_name"]
+        if row["label_name"] == "neutral":
+            assert " behind the " in row["hypothesis"]
+    again = shapes_entailment_examples(300, seed=3, image_size=32)
+    assert [r["hypothesis"] for r in again] == [r["hypothesis"] for r in rows]
+
+
+def test_run_ve_trains_and_reduces_the_loss(tmp_path):
+    result = run(
+        "run_ve.py",
+        tmp_path,
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--num_train_examples",
+        "48",
+        "--num_eval_examples",
+        "12",
+        "--max_steps",
+        "12",
+        "--learning_rate",
+        "1e-3",
+        "--warmup_steps",
+        "0",
+        "--text_layers",
+        "1",
+        "--cross_modal_layers",
+        "2",
+        "--eval_strategy",
+        "no",
+    )
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert 0 <= metrics["eval_accuracy"] <= 1 and metrics["majority_class_accuracy"] == pytest.approx(1 / 3, abs=0.2)
+    losses = [float(x) for x in __import__("re").findall(r"'loss': '([0-9.]+)'", result.stdout + result.stderr)]
+    assert len(losses) >= 10 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3  # a few steps reduce the loss
+    from transformers_mplug import MPLUGForVisualEntailment
+
+    assert MPLUGForVisualEntailment.from_pretrained(tmp_path / "out").config.num_labels == 3
+
+
+def test_run_ve_rejects_unknown_labels(tmp_path):
+    rows = shapes_examples(6, seed=4, image_size=32)
+    (tmp_path / "images").mkdir()
+    records = []
+    for index, row in enumerate(rows):
+        row["image"].save(tmp_path / "images" / f"{index}.png")
+        records.append({"image": f"{index}.png", "hypothesis": "there is a red circle", "label": "maybe"})
+    (tmp_path / "ve.json").write_text(json.dumps(records))
+    result = run(
+        "run_ve.py",
+        tmp_path,
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--train_file",
+        str(tmp_path / "ve.json"),
+        "--image_root",
+        str(tmp_path / "images"),
+        "--max_steps",
+        "1",
+        check=False,
+    )
+    assert result.returncode != 0 and "'maybe' is not one of" in result.stderr

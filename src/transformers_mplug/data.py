@@ -181,12 +181,82 @@ def load_shapes_dataset(
     )
 
 
+ENTAILMENT_LABELS = ("entailment", "neutral", "contradiction")
+
+
+def _hypothesis(objects: list[dict[str, Any]], label: str, rng: random.Random) -> str:
+    present = {(o["color"], o["shape"]) for o in objects}
+    absent = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in present]
+    if label == "neutral":  # what is behind a visible shape cannot be seen
+        (c, s), (c2, s2) = rng.choice(sorted(present)), (rng.choice(list(COLORS)), rng.choice(SHAPES))
+        return f"there is a {c2} {s2} behind the {c} {s}"
+    if rng.random() < 0.3:
+        count = len(objects) if label == "entailment" else rng.choice([n for n in NUMBER_WORDS if n != len(objects)])
+        return f"there are {NUMBER_WORDS[count]} shapes" if count > 1 else "there is one shape"
+    if label == "entailment":
+        c, s = rng.choice(sorted(present))
+        return f"there is a {c} {s}"
+    if rng.random() < 0.5:  # a claim about something behind a shape that is not there
+        (c, s), (c2, s2) = rng.choice(absent), (rng.choice(list(COLORS)), rng.choice(SHAPES))
+        return f"there is a {c2} {s2} behind the {c} {s}"
+    c, s = rng.choice(absent)
+    return f"there is a {c} {s}"
+
+
+def shapes_entailment_examples(num_examples: int, seed: int = 0, image_size: int = 64) -> list[dict[str, Any]]:
+    """Image-text entailment rows of the embedded scenes (SNLI-VE style): `image`, `hypothesis`, `label` (0
+    entailment, 1 neutral, 2 contradiction; balanced) and `label_name`. Existence and count claims are entailed or
+    contradicted by the picture; "there is an X behind the Y" is neutral when Y is visible (what is behind it cannot
+    be seen) and a contradiction when it is not."""
+    if num_examples < 1:
+        raise ValueError(f"`num_examples` must be >= 1, got {num_examples}.")
+    rng = random.Random(seed)
+    rows = []
+    for index in range(num_examples):
+        objects = _scene(rng)
+        label = ENTAILMENT_LABELS[index % 3]
+        rows.append(
+            {
+                "image": draw_scene(objects, image_size),
+                "hypothesis": _hypothesis(objects, label, rng),
+                "label": ENTAILMENT_LABELS.index(label),
+                "label_name": label,
+            }
+        )
+    rng.shuffle(rows)
+    return rows
+
+
+def load_shapes_entailment_dataset(num_train: int = 2000, num_eval: int = 300, seed: int = 0, image_size: int = 64):
+    """[`shapes_entailment_examples`] as a `datasets.DatasetDict` (`train`, `validation`; different seeds)."""
+    import datasets
+
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "hypothesis": datasets.Value("string"),
+            "label": datasets.ClassLabel(names=list(ENTAILMENT_LABELS)),
+            "label_name": datasets.Value("string"),
+        }
+    )
+    return datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_list(
+                shapes_entailment_examples(num_train, seed, image_size), features=features
+            ),
+            "validation": datasets.Dataset.from_list(
+                shapes_entailment_examples(num_eval, seed + 1, image_size), features=features
+            ),
+        }
+    )
+
+
 def shapes_vocabulary() -> list[str]:
     """Every word of the embedded dataset (questions, answers, captions, phrases)."""
     words = set(COLORS) | set(SHAPES) | set(NUMBER_WORDS.values()) | {"yes", "no", "and", "a", "the", "at"}
     words |= {w for p in POSITIONS for w in p.split()}
     words |= set("how many shapes are there is what color shape object where".split())
-    words |= {str(n) for n in NUMBER_WORDS} | {"?", ",", "in", "picture"}
+    words |= {str(n) for n in NUMBER_WORDS} | {"?", ",", "in", "picture", "behind"}
     return sorted(words)
 
 
@@ -386,6 +456,9 @@ __all__ = [
     "MPLUGCaptioningCollator",
     "MPLUGPretrainingCollator",
     "mask_text_tokens",
+    "ENTAILMENT_LABELS",
+    "shapes_entailment_examples",
+    "load_shapes_entailment_dataset",
     "draw_scene",
     "load_shapes_dataset",
     "shapes_examples",

@@ -1720,6 +1720,95 @@ class MPLUGForGrounding(MPLUGDecoderHeadMixin, MPLUGPreTrainedModel):
         )
 
 
+# ------------------------------------------------------------------------------------------------ visual entailment
+@dataclass
+class MPLUGImageTextClassifierOutput(ModelOutput):
+    r"""
+    Output of [`MPLUGForVisualEntailment`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`): cross-entropy against `labels`, when given.
+        logits (`torch.FloatTensor` of shape `(batch_size, num_labels)`): class scores.
+        fused_text_embeds (`torch.FloatTensor` of shape `(batch_size, length, hidden_size)`): T' of the trunk.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    fused_text_embeds: torch.FloatTensor | None = None
+
+
+class MPLUGForVisualEntailment(MPLUGPreTrainedModel):
+    r"""
+    mPLUG for image-text entailment (SNLI-VE): does the image entail, contradict or leave open a hypothesis? An MLP
+    (`Linear(h, h)`, ReLU, `Linear(h, num_labels)`) on the fused text `[CLS]` of the trunk, as the ALBEF/mPLUG
+    classification heads. `config.num_labels` / `config.id2label` name the classes (SNLI-VE: 3, entailment /
+    neutral / contradiction); the trunk loads from any mPLUG folder.
+
+    Example:
+        >>> import torch
+        >>> from transformers_mplug import MPLUGConfig, MPLUGForVisualEntailment
+        >>> config = MPLUGConfig(
+        ...     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        ...                        image_size=32, patch_size=16),
+        ...     text_config=dict(vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        ...                      intermediate_size=64),
+        ...     num_cross_modal_layers=2, num_decoder_layers=1, bos_token_id=101, eos_token_id=102,
+        ...     id2label={0: "entailment", 1: "neutral", 2: "contradiction"},
+        ... )
+        >>> model = MPLUGForVisualEntailment(config).eval()
+        >>> out = model(pixel_values=torch.randn(2, 3, 32, 32), input_ids=torch.tensor([[101, 7, 8], [101, 9, 10]]),
+        ...             labels=torch.tensor([0, 2]))
+        >>> out.logits.shape, out.loss.shape
+        (torch.Size([2, 3]), torch.Size([]))
+    """
+
+    def __init__(self, config: MPLUGConfig) -> None:
+        super().__init__(config)
+        if config.num_labels < 2:
+            raise ValueError(f"`config.num_labels` must be >= 2, got {config.num_labels}.")
+        self.mplug = MPLUGModel(config)
+        hidden = config.hidden_size
+        self.classifier = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, config.num_labels))
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.mplug.get_input_embeddings()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> MPLUGImageTextClassifierOutput | tuple:
+        r"""
+        Args:
+            pixel_values, input_ids, attention_mask, image_embeds: the image(s) and hypotheses, as for [`MPLUGModel`].
+            labels (`torch.LongTensor` of shape `(batch_size,)`): class ids in `[0, num_labels)`.
+        """
+        kwargs.pop("token_type_ids", None)
+        if kwargs:
+            raise TypeError(f"{type(self).__name__}.forward() got unexpected keyword argument(s) {sorted(kwargs)}.")
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        trunk = self.mplug(
+            pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, image_embeds=image_embeds
+        )
+        logits = self.classifier(trunk.fused_text_embeds[:, 0])
+        loss = None
+        if labels is not None:
+            labels = torch.as_tensor(labels, device=logits.device)
+            if labels.shape != logits.shape[:1]:
+                raise ValueError(f"`labels` must have shape ({logits.shape[0]},), got {tuple(labels.shape)}.")
+            if bool((labels < 0).any()) or bool((labels >= self.config.num_labels).any()):
+                raise ValueError(f"`labels` must be class ids in [0, {self.config.num_labels}).")
+            loss = nn.functional.cross_entropy(logits.float(), labels.long())
+        output = MPLUGImageTextClassifierOutput(loss=loss, logits=logits, fused_text_embeds=trunk.fused_text_embeds)
+        return output if return_dict else output.to_tuple()
+
+
 # ------------------------------------------------------------------------------------------------ pretraining
 def _ema_(teacher: torch.Tensor, student: torch.Tensor, momentum: float) -> None:
     """`teacher <- momentum * teacher + (1 - momentum) * student` in place, for plain parameters and DeepSpeed ZeRO-3
@@ -2099,6 +2188,8 @@ __all__ = [
     "MPLUGGroundingOutput",
     "MPLUGForPreTraining",
     "MPLUGPreTrainingOutput",
+    "MPLUGForVisualEntailment",
+    "MPLUGImageTextClassifierOutput",
     "MPLUGMomentumEncoder",
     "MPLUGSharedMemoryCrossAttention",
     "MPLUGSharedMemoryCache",
