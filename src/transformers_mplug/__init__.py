@@ -39,6 +39,7 @@ from .pipelines import (
 )
 from .processing_mplug import MPLUGProcessor
 from .training import MPLUGMomentumCallback, self_critical_loss
+from .video_utils import sample_frame_indices, sample_video_frames
 
 __version__ = "0.1.0"
 
@@ -84,6 +85,8 @@ __all__ = [
     "register_remote_code",
     "register_pipelines",
     "self_critical_loss",
+    "sample_frame_indices",
+    "sample_video_frames",
     "MPLUGImageCaptioningPipeline",
     "MPLUGVisualGroundingPipeline",
     "MPLUGVisualQuestionAnsweringPipeline",

@@ -1215,11 +1215,32 @@ class MPLUGForRetrieval(MPLUGPreTrainedModel):
         return self.mplug.encode_image(pixel_values)[1]
 
     def get_image_features(
-        self, pixel_values: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None, normalize: bool = True
+        self,
+        pixel_values: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+        normalize: bool = True,
+        frame_pooling: str = "first",
+        num_frames: int | None = None,
     ) -> torch.Tensor:
         """ITC image features `(B, projection_dim)`: `vision_proj` of the image `[CLS]`, L2-normalised unless
-        `normalize=False`. Videos `(B, T, C, H, W)` use the first frame's `[CLS]`, as the original."""
-        features = self.vision_proj(self._image_embeds(pixel_values, image_embeds)[:, 0])
+        `normalize=False`. Videos `(B, T, C, H, W)` (or `image_embeds` of `num_frames` concatenated frames) use the
+        first frame's `[CLS]` with `frame_pooling="first"` (the original), or the mean of every frame's projected
+        `[CLS]` with `frame_pooling="mean"` (zero-shot video retrieval from an image checkpoint)."""
+        embeds = self._image_embeds(pixel_values, image_embeds)
+        if frame_pooling == "first":
+            features = self.vision_proj(embeds[:, 0])
+        elif frame_pooling == "mean":
+            if pixel_values is not None and pixel_values.dim() == 5:
+                num_frames = pixel_values.shape[1]
+            if not isinstance(num_frames, int) or num_frames < 1 or embeds.shape[1] % num_frames:
+                raise ValueError(
+                    f"`frame_pooling='mean'` needs video `pixel_values` (B, T, C, H, W) or `num_frames` dividing the "
+                    f"{embeds.shape[1]} tokens of `image_embeds`, got num_frames={num_frames!r}."
+                )
+            tokens_per_frame = embeds.shape[1] // num_frames
+            features = self.vision_proj(embeds[:, ::tokens_per_frame]).mean(dim=1)
+        else:
+            raise ValueError(f"`frame_pooling` must be 'first' or 'mean', got {frame_pooling!r}.")
         return nn.functional.normalize(features, dim=-1) if normalize else features
 
     def get_text_features(
@@ -1453,13 +1474,16 @@ class MPLUGForRetrieval(MPLUGPreTrainedModel):
         k: int = 256,
         add_itc_score: bool = False,
         batch_size: int = 64,
+        frame_pooling: str = "first",
     ) -> MPLUGCorpusRetrievalOutput:
         r"""
         Retrieve in both directions over a gallery of images and texts, as the original evaluation: ITC
         similarities pick the top `k` candidates per query, which are re-ranked by the ITM match logit (plus the ITC
         similarity with `add_itc_score=True`, as the original video retrieval). Images, texts and the
         `(num_images + num_texts) * k` candidate pairs are processed in batches of `batch_size`; no all-pairs
-        fusion pass is made.
+        fusion pass is made. Videos `(B, T, C, H, W)` are galleries of concatenated frame tokens (ITM reads all of
+        them); `frame_pooling="mean"` averages the frames' projected `[CLS]` for the ITC features (zero-shot
+        text-to-video retrieval: `frame_pooling="mean", add_itc_score=True`).
         """
         if input_ids is None:
             raise ValueError("`input_ids` (the text gallery) is required.")
@@ -1469,12 +1493,16 @@ class MPLUGForRetrieval(MPLUGPreTrainedModel):
             raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}.")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        num_frames = None
         if image_embeds is None:
             if pixel_values is None:
                 raise ValueError("Pass `pixel_values` (or precomputed `image_embeds`) for the image gallery.")
+            num_frames = pixel_values.shape[1] if pixel_values.dim() == 5 else None
             image_embeds = torch.cat(
                 [self.mplug.encode_image(chunk)[1] for chunk in pixel_values.split(batch_size)], dim=0
             )
+        elif frame_pooling != "first":
+            raise ValueError("`frame_pooling='mean'` needs video `pixel_values` (the frame count), not `image_embeds`.")
         text_embeds = torch.cat(
             [
                 self.mplug.encode_text(ids, mask)
@@ -1483,9 +1511,10 @@ class MPLUGForRetrieval(MPLUGPreTrainedModel):
             dim=0,
         )
         attention_mask = attention_mask.to(text_embeds.device)
-        similarity = (
-            self.get_image_features(image_embeds=image_embeds) @ self.get_text_features(text_embeds=text_embeds).t()
+        image_features = self.get_image_features(
+            image_embeds=image_embeds, frame_pooling=frame_pooling, num_frames=num_frames
         )
+        similarity = image_features @ self.get_text_features(text_embeds=text_embeds).t()
         num_images, num_texts = similarity.shape
 
         def rerank(query_count: int, candidates: torch.Tensor, pair_images, pair_texts, itc):
