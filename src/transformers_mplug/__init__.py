@@ -24,6 +24,7 @@ from .modeling_mplug import (
     MPLUGForQuestionAnswering,
     MPLUGForRetrieval,
     MPLUGForVisualEntailment,
+    MPLUGForVisualReasoning,
     MPLUGImageTextClassifierOutput,
     MPLUGModel,
     MPLUGModelOutput,
@@ -58,6 +59,7 @@ _REMOTE_AUTO_CLASSES = {
     "MPLUGForCaptioning": "AutoModelForImageTextToText",
     "MPLUGForRetrieval": "AutoModelForZeroShotImageClassification",
     "MPLUGForVisualEntailment": "AutoModel",
+    "MPLUGForVisualReasoning": "AutoModel",
     "MPLUGForGrounding": "AutoModel",
     "MPLUGForPreTraining": "AutoModelForPreTraining",
 }
@@ -101,6 +103,7 @@ __all__ = [
     "MPLUGMomentumCallback",
     "MPLUGForRetrieval",
     "MPLUGForVisualEntailment",
+    "MPLUGForVisualReasoning",
     "MPLUGImageTextClassifierOutput",
     "MPLUGImageProcessor",
     "MPLUGModel",

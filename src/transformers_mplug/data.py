@@ -251,12 +251,60 @@ def load_shapes_entailment_dataset(num_train: int = 2000, num_eval: int = 300, s
     )
 
 
+def _pair_sentence(left: list[dict[str, Any]], right: list[dict[str, Any]], rng: random.Random) -> tuple[str, bool]:
+    kind = rng.choice(["more", "fewer", "both", "left", "right"])
+    if kind in ("more", "fewer"):
+        shape = rng.choice(SHAPES)
+        n_left = sum(o["shape"] == shape for o in left)
+        n_right = sum(o["shape"] == shape for o in right)
+        truth = n_left > n_right if kind == "more" else n_left < n_right
+        return f"the left image has {kind} {shape}s than the right image", truth
+    obj = rng.choice(left + right)
+    if rng.random() < 0.5:  # about half of the claims name a colour/shape drawn at random
+        obj = {"color": rng.choice(list(COLORS)), "shape": rng.choice(SHAPES)}
+
+    def has(objects):
+        return any(o["color"] == obj["color"] and o["shape"] == obj["shape"] for o in objects)
+
+    if kind == "both":
+        return f"both images have a {obj['color']} {obj['shape']}", has(left) and has(right)
+    side = left if kind == "left" else right
+    return f"the {kind} image has a {obj['color']} {obj['shape']}", has(side)
+
+
+def shapes_pair_examples(num_examples: int, seed: int = 0, image_size: int = 64) -> list[dict[str, Any]]:
+    """NLVR2-style rows of the embedded scenes: `left`, `right` (images), `sentence` (e.g. "the left image has more
+    circles than the right image", "both images have a red square") and `label` (1 true, 0 false; balanced)."""
+    if num_examples < 1:
+        raise ValueError(f"`num_examples` must be >= 1, got {num_examples}.")
+    rng = random.Random(seed)
+    rows: list[dict[str, Any]] = []
+    wanted = [index % 2 == 0 for index in range(num_examples)]
+    for truth in wanted:
+        while True:
+            left, right = _scene(rng), _scene(rng)
+            sentence, value = _pair_sentence(left, right, rng)
+            if value == truth:
+                break
+        rows.append(
+            {
+                "left": draw_scene(left, image_size),
+                "right": draw_scene(right, image_size),
+                "sentence": sentence,
+                "label": int(truth),
+            }
+        )
+    rng.shuffle(rows)
+    return rows
+
+
 def shapes_vocabulary() -> list[str]:
     """Every word of the embedded dataset (questions, answers, captions, phrases)."""
     words = set(COLORS) | set(SHAPES) | set(NUMBER_WORDS.values()) | {"yes", "no", "and", "a", "the", "at"}
     words |= {w for p in POSITIONS for w in p.split()}
     words |= set("how many shapes are there is what color shape object where".split())
     words |= {str(n) for n in NUMBER_WORDS} | {"?", ",", "in", "picture", "behind"}
+    words |= set("image images has have more than both fewer".split()) | {f"{s}s" for s in SHAPES}
     return sorted(words)
 
 
@@ -457,6 +505,7 @@ __all__ = [
     "MPLUGPretrainingCollator",
     "mask_text_tokens",
     "ENTAILMENT_LABELS",
+    "shapes_pair_examples",
     "shapes_entailment_examples",
     "load_shapes_entailment_dataset",
     "draw_scene",

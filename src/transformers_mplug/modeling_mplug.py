@@ -1838,6 +1838,146 @@ class MPLUGForVisualEntailment(MPLUGPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
 
+# ------------------------------------------------------------------------------------------------ visual reasoning
+class MPLUGForVisualReasoning(MPLUGPreTrainedModel):
+    r"""
+    mPLUG for visual reasoning over image pairs (NLVR2: is a sentence true of two images?), as the paper describes
+    (following BLIP): in each co-attention layer of the fusion the text cross-attends to each image with its own
+    cross-attention (`crossattention` of the trunk for the first image, `pair_crossattention` for the second) and the
+    two results are averaged before the feed-forward; connected-attention layers run once per image with the same
+    weights and their text outputs are averaged. An MLP on the fused `[CLS]` classifies (`config.num_labels`, 2).
+
+    Loading a single-image mPLUG folder initialises both cross-attentions from the one pretrained cross-attention.
+    Inputs: `pixel_values` of shape `(B, 2, C, H, W)` (`processor.encode_image_pairs(pairs)`) and the sentences.
+
+    Example:
+        >>> import torch
+        >>> from transformers_mplug import MPLUGConfig, MPLUGForVisualReasoning
+        >>> config = MPLUGConfig(
+        ...     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        ...                        image_size=32, patch_size=16),
+        ...     text_config=dict(vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        ...                      intermediate_size=64),
+        ...     num_cross_modal_layers=2, num_decoder_layers=1, bos_token_id=101, eos_token_id=102,
+        ... )
+        >>> model = MPLUGForVisualReasoning(config).eval()
+        >>> out = model(pixel_values=torch.randn(2, 2, 3, 32, 32), input_ids=torch.tensor([[101, 7, 8], [101, 9, 10]]),
+        ...             labels=torch.tensor([1, 0]))
+        >>> out.logits.shape, out.loss.shape
+        (torch.Size([2, 2]), torch.Size([]))
+    """
+
+    def __init__(self, config: MPLUGConfig) -> None:
+        super().__init__(config)
+        if config.num_labels < 2:
+            raise ValueError(f"`config.num_labels` must be >= 2, got {config.num_labels}.")
+        self.mplug = MPLUGModel(config)
+        self.pair_crossattention = nn.ModuleDict(
+            {
+                str(index): BertAttention(config.text_config, layer_idx=index, is_cross_attention=True)
+                for index, layer_type in enumerate(config.cross_modal_layer_types)
+                if layer_type == CO_ATTENTION
+            }
+        )
+        hidden = config.hidden_size
+        self.classifier = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, config.num_labels))
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.mplug.get_input_embeddings()
+
+    @torch.no_grad()
+    def copy_cross_attention_to_second_image(self) -> None:
+        """Initialise the second image's cross-attentions from the first's (the single-image checkpoint's)."""
+        for index, attention in self.pair_crossattention.items():
+            attention.load_state_dict(self.mplug.cross_modal_encoder.layer[int(index)].crossattention.state_dict())
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        missing = set(info.get("missing_keys", ()))
+        if any(k.startswith("pair_crossattention.") for k in missing):
+            logger.info("Single-image checkpoint: the second image's cross-attentions start from the first's.")
+            model.copy_cross_attention_to_second_image()
+            info["missing_keys"] = {k for k in missing if not k.startswith("pair_crossattention.")}
+        return (model, info) if output_loading_info else model
+
+    def fuse_pair(
+        self, image_a: torch.Tensor, image_b: torch.Tensor, text: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """The fused text `(B, L, hidden_size)` of a sentence over two images' features `(B, N, hidden_size)`."""
+        encoder = self.mplug.cross_modal_encoder
+        text_mask = create_bidirectional_mask(config=encoder.config, inputs_embeds=text, attention_mask=attention_mask)
+        joint_mask = None
+        if any(layer.layer_type != CO_ATTENTION for layer in encoder.layer):
+            joint = torch.cat([image_a, text], dim=1)
+            joint_mask = create_bidirectional_mask(
+                config=encoder.config,
+                inputs_embeds=joint,
+                attention_mask=torch.cat([attention_mask.new_ones(image_a.shape[:2]), attention_mask], dim=1),
+            )
+        for index, layer in enumerate(encoder.layer):
+            if layer.layer_type == CO_ATTENTION:
+                text = layer.attention(text, attention_mask=text_mask)[0]
+                text_a = layer.crossattention(text, encoder_hidden_states=image_a, encoder_attention_mask=None)[0]
+                second = self.pair_crossattention[str(index)]
+                text_b = second(text, encoder_hidden_states=image_b, encoder_attention_mask=None)[0]
+                text = layer._feed_forward((text_a + text_b) / 2)
+            else:
+                image_a, text_a = layer(image_a, text, text_mask, joint_mask)
+                image_b, text_b = layer(image_b, text, text_mask, joint_mask)
+                text = (text_a + text_b) / 2
+        return text
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> MPLUGImageTextClassifierOutput | tuple:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(B, 2, C, H, W)`): the image pairs.
+            input_ids, attention_mask (`(B, L)`): the sentences.
+            labels (`torch.LongTensor` of shape `(B,)`): class ids (NLVR2: 1 = true, 0 = false).
+        """
+        kwargs.pop("token_type_ids", None)
+        if kwargs:
+            raise TypeError(f"{type(self).__name__}.forward() got unexpected keyword argument(s) {sorted(kwargs)}.")
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 5 or pixel_values.shape[1] != 2:
+            shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else None
+            raise ValueError(
+                "`pixel_values` must hold two images per example, shape (batch, 2, channels, height, width) "
+                f"(`processor.encode_image_pairs`), got {shape}."
+            )
+        if input_ids is None:
+            raise ValueError("`input_ids` (the sentences) is required.")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if pixel_values.shape[0] != input_ids.shape[0]:
+            raise ValueError(f"Batch size mismatch: {pixel_values.shape[0]} image pairs, {input_ids.shape[0]} texts.")
+        batch_size = pixel_values.shape[0]
+        images = self.mplug.encode_image(pixel_values.flatten(0, 1))[1].unflatten(0, (batch_size, 2))
+        text = self.mplug.encode_text(input_ids, attention_mask)
+        fused = self.fuse_pair(images[:, 0], images[:, 1], text, attention_mask)
+        logits = self.classifier(fused[:, 0])
+        loss = None
+        if labels is not None:
+            labels = torch.as_tensor(labels, device=logits.device)
+            if labels.shape != logits.shape[:1]:
+                raise ValueError(f"`labels` must have shape ({logits.shape[0]},), got {tuple(labels.shape)}.")
+            if bool((labels < 0).any()) or bool((labels >= self.config.num_labels).any()):
+                raise ValueError(f"`labels` must be class ids in [0, {self.config.num_labels}).")
+            loss = nn.functional.cross_entropy(logits.float(), labels.long())
+        output = MPLUGImageTextClassifierOutput(loss=loss, logits=logits, fused_text_embeds=fused)
+        return output if return_dict else output.to_tuple()
+
+
 # ------------------------------------------------------------------------------------------------ pretraining
 def _ema_(teacher: torch.Tensor, student: torch.Tensor, momentum: float) -> None:
     """`teacher <- momentum * teacher + (1 - momentum) * student` in place, for plain parameters and DeepSpeed ZeRO-3

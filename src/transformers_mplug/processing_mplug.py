@@ -228,6 +228,18 @@ class MPLUGProcessor(ProcessorMixin):
             return_tensors=return_tensors,
         )
 
+    # -------------------------------------------------------------------------------------------- image pairs
+    def encode_image_pairs(self, pairs: Sequence[Sequence[Any]], return_tensors: str | None = "pt") -> BatchFeature:
+        """Image pairs for [`MPLUGForVisualReasoning`] (NLVR2): a list of `(left, right)` images ->
+        `pixel_values` of shape `(B, 2, C, H, W)`. Each entry must hold exactly two images."""
+        if not isinstance(pairs, (list, tuple)) or not pairs:
+            raise ValueError("`pairs` must be a non-empty list of (left, right) image pairs.")
+        for index, pair in enumerate(pairs):
+            if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+                count = len(pair) if isinstance(pair, (list, tuple)) else 1
+                raise ValueError(f"`pairs[{index}]` must hold two images (left, right), got {count}.")
+        return self.image_processor(videos=[list(pair) for pair in pairs], return_tensors=return_tensors)
+
     # -------------------------------------------------------------------------------------------- grounding
     @property
     def coordinate_token_start_id(self) -> int:
