@@ -4,10 +4,11 @@ setup, image columns from files, the embedded demo's vocabulary and fresh model 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import HfArgumentParser, TrainingArguments
+from transformers import HfArgumentParser, Trainer, TrainingArguments
 
 from transformers_mplug import MPLUGConfig, MPLUGProcessor
 from transformers_mplug.data import shapes_vocabulary
@@ -221,3 +222,96 @@ def retrieval_evaluation(model, processor, dataset, image_column: str, text_colu
     recall.update({f"itc_{k}": v for k, v in itc.items()})
     recall["gallery_size"] = len(rows)
     return recall
+
+
+@dataclass
+class DemoModelArguments:
+    """A converted/saved folder (`--model_name_or_path`), or the sizes of a fresh small model (the embedded demos).
+    The scripts subclass it with their own options."""
+
+    model_name_or_path: str | None = field(default=None, metadata={"help": "a converted/saved mPLUG folder"})
+    vocab_path: str | None = field(default=None, metadata={"help": "WordPiece vocab.txt of a fresh model"})
+    image_size: int = field(default=64, metadata={"help": "resolution of a fresh model"})
+    patch_size: int = field(default=8)
+    vision_width: int = field(default=128)
+    vision_layers: int = field(default=4)
+    text_width: int = field(default=128)
+    text_layers: int = field(default=2)
+    cross_modal_layers: int = field(default=2)
+    decoder_layers: int = field(default=2)
+
+    def fresh_config(self, vocab_size: int, **overrides) -> MPLUGConfig:
+        """[`demo_config`] with these sizes."""
+        sizes = ("image_size", "patch_size", "vision_width", "vision_layers", "text_width", "text_layers")
+        sizes += ("cross_modal_layers", "decoder_layers")
+        return demo_config(vocab_size, **{name: getattr(self, name) for name in sizes}, **overrides)
+
+
+def with_validation_split(raw, required_columns):
+    """A `validation` split (10 % of `train`, seeded) when the data has none, and a check that every split holds the
+    `required_columns` (naming the missing one)."""
+    import datasets
+
+    if "validation" not in raw:
+        split = raw["train"].train_test_split(test_size=0.1, seed=0)
+        raw = datasets.DatasetDict({"train": split["train"], "validation": split["test"]})
+    for name, part in raw.items():
+        for column in required_columns:
+            if column is not None and column not in part.column_names:
+                raise ValueError(f"The {name} split has no `{column}` column (columns: {part.column_names}).")
+    return raw
+
+
+def read_caption_annotations(path: str) -> list[tuple[str, list[str]]]:
+    """The original caption/retrieval annotations, `[{"image": path, "caption": str | [str, ...]}]`, as
+    `(image, captions)` pairs; fails naming the entry that lacks a key or holds an empty caption."""
+    import json
+
+    with open(path, encoding="utf-8") as handle:
+        annotations = json.load(handle)
+    entries = []
+    for index, item in enumerate(annotations):
+        for key in ("image", "caption"):
+            if key not in item:
+                raise ValueError(f"{path}, entry {index}: missing `{key}`.")
+        captions = item["caption"] if isinstance(item["caption"], list) else [item["caption"]]
+        if not captions or not all(isinstance(c, str) and c.strip() for c in captions):
+            raise ValueError(f"{path}, entry {index}: `caption` must hold non-empty strings.")
+        entries.append((item["image"], captions))
+    return entries
+
+
+def accuracy_metrics(prediction) -> dict[str, float]:
+    """`compute_metrics` of the classification scripts: accuracy of the argmax of the logits."""
+    import numpy as np
+
+    logits = prediction.predictions
+    logits = logits[0] if isinstance(logits, tuple) else logits
+    return {"accuracy": float((np.argmax(logits, axis=-1) == prediction.label_ids).mean())}
+
+
+class LossComponentsTrainer(Trainer):
+    """A Trainer that also logs the model output's `loss_components` (e.g. `loss_itc`, `loss_itm`), averaged over
+    the training steps since the last log."""
+
+    loss_components: tuple[str, ...] = ()
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._components: dict[str, list[float]] = {}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if model.training:
+            for name in self.loss_components:
+                value = outputs.get(name) if hasattr(outputs, "get") else None
+                if value is not None:
+                    self._components.setdefault(name, []).append(float(value.detach()))
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if "loss" in logs:
+            for name, values in self._components.items():
+                logs[name] = round(sum(values) / len(values), 4)
+            self._components = {}
+        super().log(logs, *args, **kwargs)

@@ -28,13 +28,15 @@ from pathlib import Path
 import torch
 import transformers
 from mplug_examples import (
-    demo_config,
+    DemoModelArguments,
     demo_processor,
     finish_distributed,
     load_image_column,
     parse_with_defaults,
     plot_curves,
     prepare_distributed,
+    read_caption_annotations,
+    with_validation_split,
 )
 from transformers import Trainer, TrainingArguments, set_seed
 
@@ -68,15 +70,7 @@ DEMO_DEFAULTS = [
 
 
 @dataclass
-class ModelArguments:
-    model_name_or_path: str | None = field(default=None, metadata={"help": "a converted/saved mPLUG folder"})
-    vocab_path: str | None = field(default=None)
-    image_size: int = field(default=64)
-    patch_size: int = field(default=8)
-    vision_width: int = field(default=128)
-    vision_layers: int = field(default=4)
-    text_width: int = field(default=128)
-    decoder_layers: int = field(default=2)
+class ModelArguments(DemoModelArguments):
     eval_num_beams: int = field(default=1, metadata={"help": "beams when scoring held-out captions"})
     max_new_tokens: int = field(default=25)
     scst: bool = field(default=False, metadata={"help": "self-critical training with the CIDEr-D reward"})
@@ -99,19 +93,12 @@ class DataArguments:
 
 
 def _alicemind_rows(path: str) -> list[dict]:
-    """The original caption annotations: `[{"image": path, "caption": str | [str, ...]}]`."""
-    with open(path, encoding="utf-8") as handle:
-        annotations = json.load(handle)
-    rows = []
-    for index, item in enumerate(annotations):
-        for key in ("image", "caption"):
-            if key not in item:
-                raise ValueError(f"{path}, entry {index}: missing `{key}`.")
-        captions = item["caption"] if isinstance(item["caption"], list) else [item["caption"]]
-        if not captions or not all(isinstance(c, str) and c.strip() for c in captions):
-            raise ValueError(f"{path}, entry {index}: `caption` must hold non-empty strings.")
-        rows += [{"image": item["image"], "caption": caption, "references": captions} for caption in captions]
-    return rows
+    """The original caption annotations: one row per caption, every caption of the image as its references."""
+    return [
+        {"image": image, "caption": caption, "references": captions}
+        for image, captions in read_caption_annotations(path)
+        for caption in captions
+    ]
 
 
 def load_data(data_args: DataArguments, image_size: int):
@@ -133,13 +120,7 @@ def load_data(data_args: DataArguments, image_size: int):
         )
     else:
         raw = load_shapes_dataset(data_args.num_train_examples, data_args.num_eval_examples, image_size=image_size)
-    if "validation" not in raw:
-        split = raw["train"].train_test_split(test_size=0.1, seed=0)
-        raw = datasets.DatasetDict({"train": split["train"], "validation": split["test"]})
-    for name, part in raw.items():
-        for column in (data_args.image_column, data_args.caption_column):
-            if column not in part.column_names:
-                raise ValueError(f"The {name} split has no `{column}` column (columns: {part.column_names}).")
+    raw = with_validation_split(raw, (data_args.image_column, data_args.caption_column))
     return raw
 
 
@@ -154,15 +135,7 @@ def build_model(model_args: ModelArguments, output_dir: Path) -> tuple[MPLUGForC
         model = MPLUGForCaptioning.from_pretrained(model_args.model_name_or_path)
         return model, MPLUGProcessor.from_pretrained(model_args.model_name_or_path)
     processor = demo_processor(output_dir, model_args.image_size, model_args.vocab_path)
-    config = demo_config(
-        len(processor.tokenizer),
-        image_size=model_args.image_size,
-        patch_size=model_args.patch_size,
-        vision_width=model_args.vision_width,
-        vision_layers=model_args.vision_layers,
-        text_width=model_args.text_width,
-        decoder_layers=model_args.decoder_layers,
-    )
+    config = model_args.fresh_config(len(processor.tokenizer))
     return MPLUGForCaptioning(config), processor
 
 

@@ -27,13 +27,14 @@ from pathlib import Path
 import torch
 import transformers
 from mplug_examples import (
-    demo_config,
+    DemoModelArguments,
     demo_processor,
     finish_distributed,
     load_files,
     parse_with_defaults,
     plot_curves,
     prepare_distributed,
+    with_validation_split,
 )
 from transformers import Trainer, TrainingArguments, set_seed
 
@@ -68,17 +69,8 @@ DEMO_GROUNDING_TOKENS = {"prefix": "[unused0]", "start": "[unused1]", "bins": 64
 
 
 @dataclass
-class ModelArguments:
-    model_name_or_path: str | None = field(default=None, metadata={"help": "a converted/saved mPLUG folder"})
-    vocab_path: str | None = field(default=None)
-    image_size: int = field(default=64)
-    patch_size: int = field(default=8)
-    vision_width: int = field(default=128)
-    vision_layers: int = field(default=4)
-    text_width: int = field(default=128)
-    text_layers: int = field(default=2)
-    cross_modal_layers: int = field(default=2)
-    decoder_layers: int = field(default=2)
+class ModelArguments(DemoModelArguments):
+    pass
 
 
 @dataclass
@@ -104,13 +96,7 @@ def load_data(data_args: DataArguments, image_size: int):
         raw = load_files(data_args.train_file, data_args.validation_file, data_args.image_column, data_args.image_root)
     else:
         raw = load_shapes_dataset(data_args.num_train_examples, data_args.num_eval_examples, image_size=image_size)
-    if "validation" not in raw:
-        split = raw["train"].train_test_split(test_size=0.1, seed=0)
-        raw = datasets.DatasetDict({"train": split["train"], "validation": split["test"]})
-    for name, part in raw.items():
-        for column in (data_args.image_column, data_args.phrase_column, data_args.box_column):
-            if column not in part.column_names:
-                raise ValueError(f"The {name} split has no `{column}` column (columns: {part.column_names}).")
+    raw = with_validation_split(raw, (data_args.image_column, data_args.phrase_column, data_args.box_column))
     return raw
 
 
@@ -189,16 +175,8 @@ def build_model(model_args: ModelArguments, output_dir: Path) -> tuple[MPLUGForG
         coordinate_start_token=DEMO_GROUNDING_TOKENS["start"],
         num_coordinate_bins=DEMO_GROUNDING_TOKENS["bins"],
     )
-    config = demo_config(
+    config = model_args.fresh_config(
         len(processor.tokenizer),
-        image_size=model_args.image_size,
-        patch_size=model_args.patch_size,
-        vision_width=model_args.vision_width,
-        vision_layers=model_args.vision_layers,
-        text_width=model_args.text_width,
-        text_layers=model_args.text_layers,
-        cross_modal_layers=model_args.cross_modal_layers,
-        decoder_layers=model_args.decoder_layers,
         grounding_prefix_token_id=processor.tokenizer.convert_tokens_to_ids(DEMO_GROUNDING_TOKENS["prefix"]),
         coordinate_token_start_id=processor.coordinate_token_start_id,
         num_coordinate_bins=DEMO_GROUNDING_TOKENS["bins"],

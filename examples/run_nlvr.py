@@ -27,17 +27,18 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import transformers
 from mplug_examples import (
-    demo_config,
+    DemoModelArguments,
+    accuracy_metrics,
     demo_processor,
     finish_distributed,
     load_image_column,
     parse_with_defaults,
     plot_curves,
     prepare_distributed,
+    with_validation_split,
 )
 from transformers import Trainer, TrainingArguments, set_seed
 
@@ -67,19 +68,6 @@ DEMO_DEFAULTS = [
     "epoch",
 ]
 LABELS = {0: "false", 1: "true"}
-
-
-@dataclass
-class ModelArguments:
-    model_name_or_path: str | None = field(default=None, metadata={"help": "an mPLUG folder (single-image is fine)"})
-    vocab_path: str | None = field(default=None)
-    image_size: int = field(default=64)
-    patch_size: int = field(default=8)
-    vision_width: int = field(default=128)
-    vision_layers: int = field(default=4)
-    text_width: int = field(default=128)
-    text_layers: int = field(default=2)
-    cross_modal_layers: int = field(default=2)
 
 
 @dataclass
@@ -145,14 +133,9 @@ def load_data(data_args: DataArguments, image_size: int):
                 ),
             }
         )
-    if "validation" not in raw:
-        split = raw["train"].train_test_split(test_size=0.1, seed=0)
-        raw = datasets.DatasetDict({"train": split["train"], "validation": split["test"]})
-    columns = (data_args.left_column, data_args.right_column, data_args.sentence_column, data_args.label_column)
-    for name, part in raw.items():
-        for column in columns:
-            if column not in part.column_names:
-                raise ValueError(f"The {name} split has no `{column}` column (columns: {part.column_names}).")
+    raw = with_validation_split(
+        raw, (data_args.left_column, data_args.right_column, data_args.sentence_column, data_args.label_column)
+    )
     return raw
 
 
@@ -176,15 +159,9 @@ class PairCollator:
         return batch
 
 
-def compute_metrics(prediction) -> dict[str, float]:
-    logits = prediction.predictions
-    logits = logits[0] if isinstance(logits, tuple) else logits
-    return {"accuracy": float((np.argmax(logits, axis=-1) == prediction.label_ids).mean())}
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser, (model_args, data_args, training_args) = parse_with_defaults(
-        (ModelArguments, DataArguments, TrainingArguments), DEMO_DEFAULTS, sys.argv[1:] if argv is None else argv
+        (DemoModelArguments, DataArguments, TrainingArguments), DEMO_DEFAULTS, sys.argv[1:] if argv is None else argv
     )
     if data_args.annotation_format not in ("columns", "nlvr2"):
         parser.error("--annotation_format must be 'columns' or 'nlvr2'")
@@ -201,19 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
         processor = MPLUGProcessor.from_pretrained(model_args.model_name_or_path)
     else:
         processor = demo_processor(output_dir, model_args.image_size, model_args.vocab_path)
-        config = demo_config(
-            len(processor.tokenizer),
-            image_size=model_args.image_size,
-            patch_size=model_args.patch_size,
-            vision_width=model_args.vision_width,
-            vision_layers=model_args.vision_layers,
-            text_width=model_args.text_width,
-            text_layers=model_args.text_layers,
-            cross_modal_layers=model_args.cross_modal_layers,
-            decoder_layers=1,
-            id2label=LABELS,
-            label2id=label2id,
-        )
+        config = model_args.fresh_config(len(processor.tokenizer), id2label=LABELS, label2id=label2id)
         model = MPLUGForVisualReasoning(config)
     raw = load_data(data_args, processor.image_processor.size["height"])
     trainer = Trainer(
@@ -222,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
         train_dataset=raw["train"],
         eval_dataset=raw["validation"],
         data_collator=PairCollator(processor, data_args),
-        compute_metrics=compute_metrics,
+        compute_metrics=accuracy_metrics,
     )
     ignore = ["fused_text_embeds"]
     started = time.time()

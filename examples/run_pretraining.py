@@ -26,7 +26,8 @@ from pathlib import Path
 
 import transformers
 from mplug_examples import (
-    demo_config,
+    DemoModelArguments,
+    LossComponentsTrainer,
     demo_processor,
     finish_distributed,
     load_files,
@@ -34,8 +35,9 @@ from mplug_examples import (
     plot_curves,
     prepare_distributed,
     retrieval_evaluation,
+    with_validation_split,
 )
-from transformers import Trainer, TrainingArguments, set_seed
+from transformers import TrainingArguments, set_seed
 
 from transformers_mplug import MPLUGForPreTraining, MPLUGMomentumCallback, MPLUGProcessor
 from transformers_mplug.data import MPLUGPretrainingCollator, load_shapes_dataset
@@ -65,19 +67,9 @@ DEMO_DEFAULTS = [
 
 
 @dataclass
-class ModelArguments:
-    model_name_or_path: str | None = field(default=None, metadata={"help": "an mPLUG folder to continue from"})
+class ModelArguments(DemoModelArguments):
     init_vision_model: str | None = field(default=None, metadata={"help": "CLIP vision checkpoint to start from"})
     init_text_model: str | None = field(default=None, metadata={"help": "BERT checkpoint to start from"})
-    vocab_path: str | None = field(default=None, metadata={"help": "WordPiece vocab.txt of a fresh model"})
-    image_size: int = field(default=64)
-    patch_size: int = field(default=8)
-    vision_width: int = field(default=128)
-    vision_layers: int = field(default=4)
-    text_width: int = field(default=128)
-    text_layers: int = field(default=2)
-    cross_modal_layers: int = field(default=2)
-    decoder_layers: int = field(default=2)
     projection_dim: int = field(default=64)
     queue_size: int = field(default=1024, metadata={"help": "ITC queue length (0 disables it)"})
     momentum: float = field(default=0.995, metadata={"help": "EMA coefficient of the momentum teacher"})
@@ -134,18 +126,7 @@ def build_model(model_args: ModelArguments, output_dir: Path) -> tuple[MPLUGForP
         vocab = model_args.vocab_path or str(Path(model_args.init_text_model) / "vocab.txt")
         return model, MPLUGProcessor.from_vocab_file(vocab, image_size=model_args.image_size)
     processor = demo_processor(output_dir, model_args.image_size, model_args.vocab_path)
-    config = demo_config(
-        len(processor.tokenizer),
-        image_size=model_args.image_size,
-        patch_size=model_args.patch_size,
-        vision_width=model_args.vision_width,
-        vision_layers=model_args.vision_layers,
-        text_width=model_args.text_width,
-        text_layers=model_args.text_layers,
-        cross_modal_layers=model_args.cross_modal_layers,
-        decoder_layers=model_args.decoder_layers,
-        **overrides,
-    )
+    config = model_args.fresh_config(len(processor.tokenizer), **overrides)
     return MPLUGForPreTraining(config), processor
 
 
@@ -158,39 +139,14 @@ def load_data(data_args: DataArguments, image_size: int):
         raw = load_files(data_args.train_file, data_args.validation_file, data_args.image_column, data_args.image_root)
     else:
         raw = load_shapes_dataset(data_args.num_train_examples, data_args.num_eval_examples, image_size=image_size)
-    if "validation" not in raw:
-        split = raw["train"].train_test_split(test_size=0.1, seed=0)
-        raw = datasets.DatasetDict({"train": split["train"], "validation": split["test"]})
-    for name, part in raw.items():
-        for column in (data_args.image_column, data_args.caption_column):
-            if column not in part.column_names:
-                raise ValueError(f"The {name} split has no `{column}` column (columns: {part.column_names}).")
+    raw = with_validation_split(raw, (data_args.image_column, data_args.caption_column))
     return raw
 
 
-class PretrainingTrainer(Trainer):
-    """A Trainer that also logs each objective (`loss_itc`, `loss_itm`, `loss_mlm`, `loss_prefix_lm`), averaged
-    over the steps since the last log."""
+class PretrainingTrainer(LossComponentsTrainer):
+    """Logs each objective beside the total loss."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._components: dict[str, list[float]] = {}
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        if model.training:
-            for name in ("loss_itc", "loss_itm", "loss_mlm", "loss_prefix_lm"):
-                value = outputs.get(name) if hasattr(outputs, "get") else None
-                if value is not None:
-                    self._components.setdefault(name, []).append(float(value.detach()))
-        return (loss, outputs) if return_outputs else loss
-
-    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        if "loss" in logs:
-            for name, values in self._components.items():
-                logs[name] = round(sum(values) / len(values), 4)
-            self._components = {}
-        super().log(logs, *args, **kwargs)
+    loss_components = ("loss_itc", "loss_itm", "loss_mlm", "loss_prefix_lm")
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -28,16 +28,19 @@ from pathlib import Path
 import torch
 import transformers
 from mplug_examples import (
-    demo_config,
+    DemoModelArguments,
+    LossComponentsTrainer,
     demo_processor,
     finish_distributed,
     load_image_column,
     parse_with_defaults,
     plot_curves,
     prepare_distributed,
+    read_caption_annotations,
     retrieval_evaluation,
+    with_validation_split,
 )
-from transformers import Trainer, TrainingArguments, set_seed
+from transformers import TrainingArguments, set_seed
 
 from transformers_mplug import MPLUGForRetrieval, MPLUGProcessor
 from transformers_mplug.data import load_shapes_dataset
@@ -67,16 +70,7 @@ DEMO_DEFAULTS = [
 
 
 @dataclass
-class ModelArguments:
-    model_name_or_path: str | None = field(default=None, metadata={"help": "a converted/saved mPLUG folder"})
-    vocab_path: str | None = field(default=None)
-    image_size: int = field(default=64)
-    patch_size: int = field(default=8)
-    vision_width: int = field(default=128)
-    vision_layers: int = field(default=4)
-    text_width: int = field(default=128)
-    text_layers: int = field(default=2)
-    cross_modal_layers: int = field(default=2)
+class ModelArguments(DemoModelArguments):
     projection_dim: int = field(default=64)
     k_test: int = field(default=16, metadata={"help": "ITC candidates re-ranked by ITM (the original's k_test)"})
 
@@ -97,20 +91,12 @@ class DataArguments:
 
 
 def _alicemind_rows(path: str) -> list[dict]:
-    """The original retrieval annotations: `[{"image": path, "caption": str | [str, ...]}]`; one row per caption,
-    captions of one image share its `image_id`."""
-    with open(path, encoding="utf-8") as handle:
-        annotations = json.load(handle)
-    rows = []
-    for index, item in enumerate(annotations):
-        for key in ("image", "caption"):
-            if key not in item:
-                raise ValueError(f"{path}, entry {index}: missing `{key}`.")
-        captions = item["caption"] if isinstance(item["caption"], list) else [item["caption"]]
-        if not captions or not all(isinstance(c, str) and c.strip() for c in captions):
-            raise ValueError(f"{path}, entry {index}: `caption` must hold non-empty strings.")
-        rows += [{"image": item["image"], "caption": caption, "image_id": index} for caption in captions]
-    return rows
+    """The original retrieval annotations: one row per caption, captions of one image share its `image_id`."""
+    return [
+        {"image": image, "caption": caption, "image_id": index}
+        for index, (image, captions) in enumerate(read_caption_annotations(path))
+        for caption in captions
+    ]
 
 
 def load_data(data_args: DataArguments, image_size: int):
@@ -132,13 +118,7 @@ def load_data(data_args: DataArguments, image_size: int):
         )
     else:
         raw = load_shapes_dataset(data_args.num_train_examples, data_args.num_eval_examples, image_size=image_size)
-    if "validation" not in raw:
-        split = raw["train"].train_test_split(test_size=0.1, seed=0)
-        raw = datasets.DatasetDict({"train": split["train"], "validation": split["test"]})
-    for name, part in raw.items():
-        for column in (data_args.image_column, data_args.text_column, data_args.image_id_column):
-            if column is not None and column not in part.column_names:
-                raise ValueError(f"The {name} split has no `{column}` column (columns: {part.column_names}).")
+    raw = with_validation_split(raw, (data_args.image_column, data_args.text_column, data_args.image_id_column))
     return raw
 
 
@@ -161,27 +141,14 @@ class RetrievalCollator:
         return batch
 
 
-class RetrievalTrainer(Trainer):
+class RetrievalTrainer(LossComponentsTrainer):
     """Logs `loss_itc` / `loss_itm` and, at evaluation, Recall@K through `retrieve`."""
+
+    loss_components = ("loss_itc", "loss_itm")
 
     def __init__(self, *args, processor=None, data_args=None, k_test: int = 16, **kwargs):
         super().__init__(*args, **kwargs)
         self.retrieval_processor, self.data_args, self.k_test = processor, data_args, k_test
-        self._components: dict[str, list[float]] = {}
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        if model.training:
-            for name in ("loss_itc", "loss_itm"):
-                self._components.setdefault(name, []).append(float(outputs[name].detach()))
-        return (loss, outputs) if return_outputs else loss
-
-    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        if "loss" in logs:
-            for name, values in self._components.items():
-                logs[name] = round(sum(values) / len(values), 4)
-            self._components = {}
-        super().log(logs, *args, **kwargs)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
@@ -217,18 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
         processor = MPLUGProcessor.from_pretrained(model_args.model_name_or_path)
     else:
         processor = demo_processor(output_dir, model_args.image_size, model_args.vocab_path)
-        config = demo_config(
-            len(processor.tokenizer),
-            image_size=model_args.image_size,
-            patch_size=model_args.patch_size,
-            vision_width=model_args.vision_width,
-            vision_layers=model_args.vision_layers,
-            text_width=model_args.text_width,
-            text_layers=model_args.text_layers,
-            cross_modal_layers=model_args.cross_modal_layers,
-            decoder_layers=1,
-            projection_dim=model_args.projection_dim,
-        )
+        config = model_args.fresh_config(len(processor.tokenizer), projection_dim=model_args.projection_dim)
         model = MPLUGForRetrieval(config)
     raw = load_data(data_args, processor.image_processor.size["height"])
     trainer = RetrievalTrainer(

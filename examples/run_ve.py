@@ -25,17 +25,18 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import transformers
 from mplug_examples import (
-    demo_config,
+    DemoModelArguments,
+    accuracy_metrics,
     demo_processor,
     finish_distributed,
     load_image_column,
     parse_with_defaults,
     plot_curves,
     prepare_distributed,
+    with_validation_split,
 )
 from transformers import Trainer, TrainingArguments, set_seed
 
@@ -64,19 +65,6 @@ DEMO_DEFAULTS = [
     "--eval_strategy",
     "epoch",
 ]
-
-
-@dataclass
-class ModelArguments:
-    model_name_or_path: str | None = field(default=None, metadata={"help": "an mPLUG folder (trunk is reused)"})
-    vocab_path: str | None = field(default=None)
-    image_size: int = field(default=64)
-    patch_size: int = field(default=8)
-    vision_width: int = field(default=128)
-    vision_layers: int = field(default=4)
-    text_width: int = field(default=128)
-    text_layers: int = field(default=2)
-    cross_modal_layers: int = field(default=2)
 
 
 @dataclass
@@ -139,13 +127,7 @@ def load_data(data_args: DataArguments, image_size: int):
         raw = load_shapes_entailment_dataset(
             data_args.num_train_examples, data_args.num_eval_examples, image_size=image_size
         )
-    if "validation" not in raw:
-        split = raw["train"].train_test_split(test_size=0.1, seed=0)
-        raw = datasets.DatasetDict({"train": split["train"], "validation": split["test"]})
-    for name, part in raw.items():
-        for column in (data_args.image_column, data_args.hypothesis_column, data_args.label_column):
-            if column not in part.column_names:
-                raise ValueError(f"The {name} split has no `{column}` column (columns: {part.column_names}).")
+    raw = with_validation_split(raw, (data_args.image_column, data_args.hypothesis_column, data_args.label_column))
     return raw
 
 
@@ -176,15 +158,9 @@ class EntailmentCollator:
         return batch
 
 
-def compute_metrics(prediction) -> dict[str, float]:
-    logits = prediction.predictions
-    logits = logits[0] if isinstance(logits, tuple) else logits
-    return {"accuracy": float((np.argmax(logits, axis=-1) == prediction.label_ids).mean())}
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser, (model_args, data_args, training_args) = parse_with_defaults(
-        (ModelArguments, DataArguments, TrainingArguments), DEMO_DEFAULTS, sys.argv[1:] if argv is None else argv
+        (DemoModelArguments, DataArguments, TrainingArguments), DEMO_DEFAULTS, sys.argv[1:] if argv is None else argv
     )
     if data_args.annotation_format not in ("columns", "snli_ve"):
         parser.error("--annotation_format must be 'columns' or 'snli_ve'")
@@ -201,18 +177,8 @@ def main(argv: list[str] | None = None) -> dict:
         processor = MPLUGProcessor.from_pretrained(model_args.model_name_or_path)
     else:
         processor = demo_processor(output_dir, model_args.image_size, model_args.vocab_path)
-        config = demo_config(
-            len(processor.tokenizer),
-            image_size=model_args.image_size,
-            patch_size=model_args.patch_size,
-            vision_width=model_args.vision_width,
-            vision_layers=model_args.vision_layers,
-            text_width=model_args.text_width,
-            text_layers=model_args.text_layers,
-            cross_modal_layers=model_args.cross_modal_layers,
-            decoder_layers=1,
-            id2label=id2label,
-            label2id={v: k for k, v in id2label.items()},
+        config = model_args.fresh_config(
+            len(processor.tokenizer), id2label=id2label, label2id={v: k for k, v in id2label.items()}
         )
         model = MPLUGForVisualEntailment(config)
     raw = load_data(data_args, processor.image_processor.size["height"])
@@ -222,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
         train_dataset=raw["train"],
         eval_dataset=raw["validation"],
         data_collator=EntailmentCollator(processor, data_args, model.config.label2id),
-        compute_metrics=compute_metrics,
+        compute_metrics=accuracy_metrics,
     )
     started = time.time()
     ignore = ["fused_text_embeds"]  # only the logits are gathered for the metrics

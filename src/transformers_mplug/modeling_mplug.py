@@ -198,6 +198,21 @@ class MPLUGPreTrainedModel(PreTrainedModel):
     # the losses follow the original normalisation; the Trainer must scale them for gradient accumulation itself
     accepts_loss_kwargs = False
 
+    def _derive_missing_weights(self, missing: set[str]) -> set[str]:
+        """Fill weights a checkpoint lacks but that follow from the loaded ones (a pretraining teacher, a second
+        image's cross-attention); returns the keys so derived. Heads without such weights derive nothing."""
+        return set()
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        missing = set(info.get("missing_keys", ()))
+        derived = model._derive_missing_weights(missing) if missing else set()
+        if derived:
+            info["missing_keys"] = missing - derived
+        return (model, info) if output_loading_info else model
+
     @classmethod
     def from_unimodal_pretrained(
         cls,
@@ -1766,6 +1781,24 @@ class MPLUGImageTextClassifierOutput(ModelOutput):
     fused_text_embeds: torch.FloatTensor | None = None
 
 
+def _classifier_head(config: MPLUGConfig) -> nn.Sequential:
+    """The ALBEF/mPLUG classification MLP on the fused `[CLS]`: `Linear(h, h)`, ReLU, `Linear(h, num_labels)`."""
+    if config.num_labels < 2:
+        raise ValueError(f"`config.num_labels` must be >= 2, got {config.num_labels}.")
+    hidden = config.hidden_size
+    return nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, config.num_labels))
+
+
+def _classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of `(B, num_labels)` logits against class ids `(B,)`, validated."""
+    labels = torch.as_tensor(labels, device=logits.device)
+    if labels.shape != logits.shape[:1]:
+        raise ValueError(f"`labels` must have shape ({logits.shape[0]},), got {tuple(labels.shape)}.")
+    if bool((labels < 0).any()) or bool((labels >= logits.shape[-1]).any()):
+        raise ValueError(f"`labels` must be class ids in [0, {logits.shape[-1]}).")
+    return nn.functional.cross_entropy(logits.float(), labels.long())
+
+
 class MPLUGForVisualEntailment(MPLUGPreTrainedModel):
     r"""
     mPLUG for image-text entailment (SNLI-VE): does the image entail, contradict or leave open a hypothesis? An MLP
@@ -1793,11 +1826,8 @@ class MPLUGForVisualEntailment(MPLUGPreTrainedModel):
 
     def __init__(self, config: MPLUGConfig) -> None:
         super().__init__(config)
-        if config.num_labels < 2:
-            raise ValueError(f"`config.num_labels` must be >= 2, got {config.num_labels}.")
         self.mplug = MPLUGModel(config)
-        hidden = config.hidden_size
-        self.classifier = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, config.num_labels))
+        self.classifier = _classifier_head(config)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -1826,14 +1856,7 @@ class MPLUGForVisualEntailment(MPLUGPreTrainedModel):
             pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, image_embeds=image_embeds
         )
         logits = self.classifier(trunk.fused_text_embeds[:, 0])
-        loss = None
-        if labels is not None:
-            labels = torch.as_tensor(labels, device=logits.device)
-            if labels.shape != logits.shape[:1]:
-                raise ValueError(f"`labels` must have shape ({logits.shape[0]},), got {tuple(labels.shape)}.")
-            if bool((labels < 0).any()) or bool((labels >= self.config.num_labels).any()):
-                raise ValueError(f"`labels` must be class ids in [0, {self.config.num_labels}).")
-            loss = nn.functional.cross_entropy(logits.float(), labels.long())
+        loss = None if labels is None else _classification_loss(logits, labels)
         output = MPLUGImageTextClassifierOutput(loss=loss, logits=logits, fused_text_embeds=trunk.fused_text_embeds)
         return output if return_dict else output.to_tuple()
 
@@ -1869,8 +1892,6 @@ class MPLUGForVisualReasoning(MPLUGPreTrainedModel):
 
     def __init__(self, config: MPLUGConfig) -> None:
         super().__init__(config)
-        if config.num_labels < 2:
-            raise ValueError(f"`config.num_labels` must be >= 2, got {config.num_labels}.")
         self.mplug = MPLUGModel(config)
         self.pair_crossattention = nn.ModuleDict(
             {
@@ -1879,8 +1900,7 @@ class MPLUGForVisualReasoning(MPLUGPreTrainedModel):
                 if layer_type == CO_ATTENTION
             }
         )
-        hidden = config.hidden_size
-        self.classifier = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, config.num_labels))
+        self.classifier = _classifier_head(config)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -1892,16 +1912,12 @@ class MPLUGForVisualReasoning(MPLUGPreTrainedModel):
         for index, attention in self.pair_crossattention.items():
             attention.load_state_dict(self.mplug.cross_modal_encoder.layer[int(index)].crossattention.state_dict())
 
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        output_loading_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
-        missing = set(info.get("missing_keys", ()))
-        if any(k.startswith("pair_crossattention.") for k in missing):
+    def _derive_missing_weights(self, missing: set[str]) -> set[str]:
+        derived = {k for k in missing if k.startswith("pair_crossattention.")}
+        if derived:
             logger.info("Single-image checkpoint: the second image's cross-attentions start from the first's.")
-            model.copy_cross_attention_to_second_image()
-            info["missing_keys"] = {k for k in missing if not k.startswith("pair_crossattention.")}
-        return (model, info) if output_loading_info else model
+            self.copy_cross_attention_to_second_image()
+        return derived
 
     def fuse_pair(
         self, image_a: torch.Tensor, image_b: torch.Tensor, text: torch.Tensor, attention_mask: torch.Tensor
@@ -1966,14 +1982,7 @@ class MPLUGForVisualReasoning(MPLUGPreTrainedModel):
         text = self.mplug.encode_text(input_ids, attention_mask)
         fused = self.fuse_pair(images[:, 0], images[:, 1], text, attention_mask)
         logits = self.classifier(fused[:, 0])
-        loss = None
-        if labels is not None:
-            labels = torch.as_tensor(labels, device=logits.device)
-            if labels.shape != logits.shape[:1]:
-                raise ValueError(f"`labels` must have shape ({logits.shape[0]},), got {tuple(labels.shape)}.")
-            if bool((labels < 0).any()) or bool((labels >= self.config.num_labels).any()):
-                raise ValueError(f"`labels` must be class ids in [0, {self.config.num_labels}).")
-            loss = nn.functional.cross_entropy(logits.float(), labels.long())
+        loss = None if labels is None else _classification_loss(logits, labels)
         output = MPLUGImageTextClassifierOutput(loss=loss, logits=logits, fused_text_embeds=fused)
         return output if return_dict else output.to_tuple()
 
@@ -2173,18 +2182,14 @@ class MPLUGForPreTraining(MPLUGForRetrieval):
         """Make the teacher equal to the student (done at construction and when a checkpoint has no teacher)."""
         self.momentum_update(0.0)
 
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        output_loading_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
-        missing = set(info.get("missing_keys", ()))
-        if any(k.startswith("momentum_encoder.") for k in missing):
-            # a task or converted folder: the teacher starts as the student, the queues empty
-            logger.info("The checkpoint has no momentum encoder; it starts as a copy of the loaded weights.")
-            model.copy_student_to_momentum_encoder()
-            training_state = ("momentum_encoder.", "image_queue", "text_queue", "idx_queue", "queue_ptr")
-            info["missing_keys"] = {k for k in missing if not k.startswith(training_state)}
-        return (model, info) if output_loading_info else model
+    def _derive_missing_weights(self, missing: set[str]) -> set[str]:
+        if not any(k.startswith("momentum_encoder.") for k in missing):
+            return set()
+        # a task or converted folder: the teacher starts as the student, the queues empty (initialised)
+        logger.info("The checkpoint has no momentum encoder; it starts as a copy of the loaded weights.")
+        self.copy_student_to_momentum_encoder()
+        training_state = ("momentum_encoder.", "image_queue", "text_queue", "idx_queue", "queue_ptr")
+        return {k for k in missing if k.startswith(training_state)}
 
     @torch.no_grad()
     def _enqueue(self, image_features: torch.Tensor, text_features: torch.Tensor, idx: torch.Tensor) -> None:

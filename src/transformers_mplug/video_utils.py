@@ -38,9 +38,13 @@ def _frame_size(frame: Any) -> tuple[int, int]:
     return int(array.shape[0]), int(array.shape[1])
 
 
-def sample_video_frames(video: str | os.PathLike | Sequence[Any], num_frames: int = 8) -> list[Any]:
-    """`num_frames` frames sampled uniformly from a video: a list of frames (PIL images or `(H, W, C)` arrays, all the
-    same size) or a video file (needs PyAV: `pip install av`). The result goes to `processor(videos=[frames])`.
+def sample_video_frames(
+    video: str | os.PathLike | Sequence[Any], num_frames: int = 8, backend: str = "pyav"
+) -> list[Any]:
+    """`num_frames` frames sampled uniformly ([`sample_frame_indices`]) from a video: a list of frames (PIL images or
+    `(H, W, C)` arrays, all the same size) or a video file, decoded by transformers' `load_video` with `backend`
+    (`"pyav"` needs `pip install av`; `"decord"`, `"opencv"`, `"torchcodec"` work too). The result goes to
+    `processor(videos=[frames])`.
 
     Example:
         >>> from PIL import Image
@@ -49,19 +53,25 @@ def sample_video_frames(video: str | os.PathLike | Sequence[Any], num_frames: in
         [1, 5, 8]
     """
     if isinstance(video, (str, os.PathLike)):
+        from transformers.video_utils import load_video
+
         if not os.path.isfile(video):
             raise FileNotFoundError(f"Video file {video} does not exist.")
         try:
-            import av
+            decoded, _ = load_video(
+                str(video),
+                backend=backend,
+                sample_indices_fn=lambda metadata, **_: np.array(
+                    sample_frame_indices(metadata.total_num_frames, num_frames)
+                ),
+            )
         except ImportError as error:
             raise ImportError(
-                f"Reading {video} needs PyAV (`pip install av`); or pass the decoded frames as a list of images."
+                f"Reading {video} with backend={backend!r} needs its decoder (`pip install av` for the default "
+                "'pyav'); or pass the decoded frames as a list of images."
             ) from error
-        with av.open(str(video)) as container:
-            frames = [frame.to_image() for frame in container.decode(video=0)]
-        if not frames:
-            raise ValueError(f"{video} has no decodable video frames.")
-    elif isinstance(video, (list, tuple)) or (isinstance(video, np.ndarray) and video.ndim == 4):
+        return list(decoded)
+    if isinstance(video, (list, tuple)) or (isinstance(video, np.ndarray) and video.ndim == 4):
         frames = list(video)
         if not frames:
             raise ValueError("`video` is an empty list of frames.")
