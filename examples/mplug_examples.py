@@ -3,7 +3,9 @@ setup, image columns from files, the embedded demo's vocabulary and fresh model 
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,6 +14,8 @@ from transformers import HfArgumentParser, Trainer, TrainingArguments
 
 from transformers_mplug import MPLUGConfig, MPLUGProcessor
 from transformers_mplug.data import shapes_vocabulary
+
+logger = logging.getLogger(__name__)
 
 COMMON_DEFAULTS = [
     "--save_strategy",
@@ -59,7 +63,27 @@ def prepare_distributed(training_args: TrainingArguments) -> None:
     if training_args.deepspeed and not torch.distributed.is_initialized():
         import deepspeed
 
+        warn_about_stale_extension_locks()
+
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def warn_about_stale_extension_locks(max_age_s: float = 900.0) -> list[Path]:
+    """DeepSpeed JIT-builds ops (on CPU: its shared-memory communication op) under a file lock in the torch
+    extensions folder; a process killed while holding it leaves the lock behind and every later run waits on it
+    forever. Name such old locks before they stall the run."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    stale = [lock for lock in root.glob("*/*/lock") if time.time() - lock.stat().st_mtime > max_age_s]
+    for lock in stale:
+        logger.warning(
+            "Found the build lock %s, %.0f min old. If no other process is building this op, delete the file: "
+            "DeepSpeed waits for it to disappear before loading the op.",
+            lock,
+            (time.time() - lock.stat().st_mtime) / 60,
+        )
+    return stale
 
 
 def finish_distributed() -> None:
@@ -111,7 +135,11 @@ def demo_processor(output_dir: Path, image_size: int, vocab_path: str | None = N
         output_dir.mkdir(parents=True, exist_ok=True)
         tokens = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
         vocab_path = output_dir / "vocab.txt"
-        vocab_path.write_text("\n".join(tokens + shapes_vocabulary()) + "\n", encoding="utf-8")
+        # every rank writes the same file: write a private copy, then rename it into place in one step, so that no
+        # rank ever reads a half-written vocabulary
+        private = output_dir / f".vocab.txt.{os.getpid()}"
+        private.write_text("\n".join(tokens + shapes_vocabulary()) + "\n", encoding="utf-8")
+        os.replace(private, vocab_path)
     return MPLUGProcessor.from_vocab_file(vocab_path, image_size=image_size)
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import transformers
 from mplug_examples import (  # the examples folder (next to this script)
+    demo_processor,
     finish_distributed,
     load_image_column,
     prepare_distributed,
@@ -35,7 +36,7 @@ from mplug_examples import (  # the examples folder (next to this script)
 from transformers import HfArgumentParser, Trainer, TrainingArguments, pipeline, set_seed
 
 from transformers_mplug import MPLUGConfig, MPLUGForQuestionAnswering, MPLUGProcessor
-from transformers_mplug.data import MPLUGVQACollator, load_shapes_dataset, shapes_vocabulary
+from transformers_mplug.data import MPLUGVQACollator, load_shapes_dataset
 from transformers_mplug.metrics import vqa_accuracy
 
 logger = logging.getLogger("run_vqa")
@@ -210,13 +211,7 @@ def build_model_and_processor(model_args: ModelArguments, output_dir: Path):
         model = MPLUGForQuestionAnswering.from_pretrained(model_args.model_name_or_path)
         processor = MPLUGProcessor.from_pretrained(model_args.model_name_or_path)
         return model, processor
-    vocab_path = model_args.vocab_path
-    if vocab_path is None:  # a bert-base-uncased-shaped vocabulary with the embedded dataset's words
-        output_dir.mkdir(parents=True, exist_ok=True)
-        tokens = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-        vocab_path = output_dir / "vocab.txt"
-        vocab_path.write_text("\n".join(tokens + shapes_vocabulary()) + "\n", encoding="utf-8")
-    processor = MPLUGProcessor.from_vocab_file(vocab_path, image_size=model_args.image_size)
+    processor = demo_processor(output_dir, model_args.image_size, model_args.vocab_path)
     heads = max(1, model_args.text_width // 64)
     config = MPLUGConfig(
         vision_config=dict(

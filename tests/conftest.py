@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -100,3 +103,46 @@ def shapes_vocab_file(tmp_path: Path) -> Path:
 @pytest.fixture
 def shapes_processor(shapes_vocab_file: Path) -> MPLUGProcessor:
     return MPLUGProcessor.from_vocab_file(shapes_vocab_file, image_size=32)
+
+
+@pytest.fixture(scope="session")
+def deepspeed_launch(tmp_path_factory) -> tuple[list[str], dict[str, str]]:
+    """The `accelerate launch` prefix (CPU DeepSpeed config, 2 processes, a free port) and the environment for it.
+
+    DeepSpeed JIT-builds its shared-memory communication op on CPU under a file lock in the torch extensions folder;
+    a process killed while holding that lock makes every later build wait forever. The tests therefore build the op
+    once, in a folder of their own, before any launch."""
+    extensions = tmp_path_factory.mktemp("torch_extensions")
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "TORCH_EXTENSIONS_DIR": str(extensions),
+    }
+    build = subprocess.run(
+        [sys.executable, "-c", "from deepspeed.comm.torch import build_shm_op; build_shm_op()"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    if build.returncode != 0:
+        pytest.fail(f"building DeepSpeed's CPU communication op failed:\n{build.stderr[-3000:]}")
+
+    def command() -> list[str]:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        return [
+            str(Path(sys.executable).parent / "accelerate"),
+            "launch",
+            "--config_file",
+            str(REPO_ROOT / "examples" / "configs" / "accelerate_cpu_deepspeed.yaml"),
+            "--num_processes",
+            "2",
+            "--main_process_port",
+            str(port),
+        ]
+
+    return command, env

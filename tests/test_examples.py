@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -206,27 +205,13 @@ def test_resume_from_checkpoint_gives_the_same_weights(tmp_path):
         torch.testing.assert_close(again[name], full[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.mark.parametrize(("config", "stage"), [("ds_zero2.json", 2), ("ds_zero3.json", 3)])
-def test_run_vqa_under_two_process_deepspeed(tmp_path, config, stage):
+def test_run_vqa_under_two_process_deepspeed(tmp_path, deepspeed_launch, config, stage):
     out = tmp_path / "out"
-    port = _free_port()
+    launch, env = deepspeed_launch
     configs = REPO_ROOT / "examples" / "configs"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     command = [
-        str(Path(sys.executable).parent / "accelerate"),
-        "launch",
-        "--config_file",
-        str(configs / "accelerate_cpu_deepspeed.yaml"),
-        "--num_processes",
-        "2",
-        "--main_process_port",
-        str(port),
+        *launch(),
         str(REPO_ROOT / "examples" / "run_vqa.py"),
         *TINY,
         "--deepspeed",
@@ -310,3 +295,34 @@ def test_alicemind_answer_weights_follow_the_original(tmp_path):
     path.write_text(json.dumps([{"image": "a.jpg", "question": "what?", "answer": [""]}]))
     with pytest.raises(ValueError, match="entry 0"):
         run_vqa._alicemind_rows(str(path))
+
+
+def test_stale_extension_locks_are_named(tmp_path, monkeypatch, caplog):
+    sys.path.insert(0, str(REPO_ROOT / "examples"))
+    try:
+        import mplug_examples
+    finally:
+        sys.path.pop(0)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    old = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock"
+    fresh = tmp_path / "py311_cpu" / "cpu_adam" / "lock"
+    for lock in (old, fresh):
+        lock.parent.mkdir(parents=True)
+        lock.touch()
+    os.utime(old, (old.stat().st_atime - 3600, old.stat().st_mtime - 3600))
+    with caplog.at_level("WARNING"):
+        assert mplug_examples.warn_about_stale_extension_locks() == [old]  # a build running now is left alone
+    assert str(old) in caplog.text and "60 min old" in caplog.text
+
+
+def test_demo_vocabulary_is_written_in_one_step(tmp_path):
+    sys.path.insert(0, str(REPO_ROOT / "examples"))
+    try:
+        import mplug_examples
+    finally:
+        sys.path.pop(0)
+    (tmp_path / "vocab.txt").write_text("")  # what a reading rank saw while another rank was writing the file
+    first = mplug_examples.demo_processor(tmp_path, 32)
+    second = mplug_examples.demo_processor(tmp_path, 32)
+    assert len(first.tokenizer) == len(second.tokenizer) > 104
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vocab.txt"]  # no private copies left behind

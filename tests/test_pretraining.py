@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -313,24 +312,13 @@ def test_from_unimodal_pretrained_places_clip_and_bert_layers(tmp_path):
         )
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.mark.parametrize(("config_name", "stage"), [("ds_zero2.json", 2), ("ds_zero3.json", 3)])
-def test_momentum_callback_and_queue_under_two_process_deepspeed(tmp_path, shapes_vocab_file, config_name, stage):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+def test_momentum_callback_and_queue_under_two_process_deepspeed(
+    tmp_path, shapes_vocab_file, deepspeed_launch, config_name, stage
+):
+    launch, env = deepspeed_launch
     command = [
-        str(Path(sys.executable).parent / "accelerate"),
-        "launch",
-        "--config_file",
-        str(REPO_ROOT / "examples" / "configs" / "accelerate_cpu_deepspeed.yaml"),
-        "--num_processes",
-        "2",
-        "--main_process_port",
-        str(_free_port()),
+        *launch(),
         str(Path(__file__).parent / "deepspeed_pretraining_check.py"),
         str(REPO_ROOT / "examples" / "configs" / config_name),
         str(shapes_vocab_file),
