@@ -45,7 +45,7 @@ DEMO_DEFAULTS = [
     "--output_dir",
     "outputs/run_vqa",
     "--num_train_epochs",
-    "12",
+    "22",
     "--per_device_train_batch_size",
     "48",
     "--per_device_eval_batch_size",
@@ -78,13 +78,14 @@ class ModelArguments:
     model_name_or_path: str | None = field(default=None, metadata={"help": "a converted/saved mPLUG folder or Hub id"})
     vocab_path: str | None = field(default=None, metadata={"help": "WordPiece vocab.txt for a fresh model"})
     image_size: int = field(default=64, metadata={"help": "resolution of a fresh model"})
-    patch_size: int = field(default=8)
+    patch_size: int = field(default=16)
     vision_width: int = field(default=128)
     vision_layers: int = field(default=4)
     text_width: int = field(default=128)
     text_layers: int = field(default=2)
     cross_modal_layers: int = field(default=4)
     decoder_layers: int = field(default=2)
+    attention_head_size: int = field(default=64, metadata={"help": "width of one attention head of a fresh model"})
     eval_num_beams: int = field(default=1, metadata={"help": "beams when scoring VQA accuracy"})
     eval_only: bool = field(default=False, metadata={"help": "evaluate --model_name_or_path without training"})
     vision_learning_rate: float | None = field(
@@ -112,7 +113,10 @@ class DataArguments:
     describe_questions: bool = field(
         default=True, metadata={"help": "embedded dataset: also train on 'what is in the picture?' -> caption"}
     )
-    describe_weight: float = field(default=1.0, metadata={"help": "loss weight of the describe rows"})
+    describe_weight: float = field(
+        default=0.25,
+        metadata={"help": "loss weight of the describe rows (their NLL sums ~20 tokens against 1-2 of an answer)"},
+    )
     max_eval_samples: int | None = field(default=None)
     max_question_length: int = field(default=25)
     demo_questions: int = field(default=5, metadata={"help": "held-out questions answered through the pipeline"})
@@ -212,13 +216,13 @@ def build_model_and_processor(model_args: ModelArguments, output_dir: Path):
         processor = MPLUGProcessor.from_pretrained(model_args.model_name_or_path)
         return model, processor
     processor = demo_processor(output_dir, model_args.image_size, model_args.vocab_path)
-    heads = max(1, model_args.text_width // 64)
+    head_size = model_args.attention_head_size
     config = MPLUGConfig(
         vision_config=dict(
             hidden_size=model_args.vision_width,
             intermediate_size=4 * model_args.vision_width,
             num_hidden_layers=model_args.vision_layers,
-            num_attention_heads=max(1, model_args.vision_width // 64),
+            num_attention_heads=max(1, model_args.vision_width // head_size),
             image_size=model_args.image_size,
             patch_size=model_args.patch_size,
             attention_dropout=0.0,
@@ -227,7 +231,7 @@ def build_model_and_processor(model_args: ModelArguments, output_dir: Path):
             vocab_size=len(processor.tokenizer),
             hidden_size=model_args.text_width,
             num_hidden_layers=model_args.text_layers,
-            num_attention_heads=heads,
+            num_attention_heads=max(1, model_args.text_width // head_size),
             intermediate_size=4 * model_args.text_width,
             max_position_embeddings=64,
             hidden_dropout_prob=0.0,
@@ -255,9 +259,21 @@ def generate_answers(model, processor, dataset, data_args: DataArguments, batch_
     return predictions
 
 
-def compute_vqa_metrics(predictions: list[str], references: list[list[str]]) -> dict[str, float]:
-    """`evaluate`-style metrics of generated answers against the human answers of each question."""
-    return {"vqa_accuracy": vqa_accuracy(predictions, references)}
+def compute_vqa_metrics(
+    predictions: list[str], references: list[list[str]], questions: list[str] | None = None
+) -> dict[str, float]:
+    """`evaluate`-style metrics of generated answers against the human answers of each question; with `questions`,
+    also the accuracy per question type (its first two words, e.g. `vqa_accuracy[how many]`)."""
+    metrics = {"vqa_accuracy": vqa_accuracy(predictions, references)}
+    if questions is not None:
+        groups: dict[str, list[int]] = {}
+        for index, question in enumerate(questions):
+            groups.setdefault(" ".join(question.lower().split()[:2]), []).append(index)
+        for kind, rows in sorted(groups.items()):
+            metrics[f"vqa_accuracy[{kind}]"] = vqa_accuracy(
+                [predictions[i] for i in rows], [references[i] for i in rows]
+            )
+    return metrics
 
 
 def references_of(dataset, data_args: DataArguments) -> list[list[str]]:
@@ -312,7 +328,9 @@ class VQATrainer(Trainer):
             self.args.per_device_eval_batch_size,
             self.eval_num_beams,
         )
-        scores = compute_vqa_metrics(predictions, references_of(dataset, self.data_args))
+        scores = compute_vqa_metrics(
+            predictions, references_of(dataset, self.data_args), list(dataset[self.data_args.question_column])
+        )
         scores = {f"{metric_key_prefix}_{k}": v for k, v in scores.items()}
         self.log(scores)
         metrics.update(scores)

@@ -326,3 +326,18 @@ def test_demo_vocabulary_is_written_in_one_step(tmp_path):
     second = mplug_examples.demo_processor(tmp_path, 32)
     assert len(first.tokenizer) == len(second.tokenizer) > 104
     assert sorted(p.name for p in tmp_path.iterdir()) == ["vocab.txt"]  # no private copies left behind
+
+
+def test_vqa_metrics_per_question_type():
+    sys.path.insert(0, str(REPO_ROOT / "examples"))
+    try:
+        import run_vqa
+    finally:
+        sys.path.pop(0)
+    questions = ["How many shapes?", "how many circles?", "is there a dog?", "is there a cat?"]
+    references = [["two"] * 10, ["one"] * 10, ["yes"] * 10, ["no"] * 7 + ["yes"] * 3]
+    metrics = run_vqa.compute_vqa_metrics(["two", "three", "yes", "yes"], references, questions)
+    assert metrics["vqa_accuracy[how many]"] == pytest.approx(0.5)
+    assert metrics["vqa_accuracy[is there]"] == pytest.approx((1.0 + 0.9) / 2)  # 3 of 10 humans said yes
+    assert metrics["vqa_accuracy"] == pytest.approx((1.0 + 0.0 + 1.0 + 0.9) / 4)
+    assert set(run_vqa.compute_vqa_metrics(["two"], [["two"]])) == {"vqa_accuracy"}
