@@ -153,6 +153,7 @@ def demo_config(
     text_layers: int = 2,
     cross_modal_layers: int = 4,
     decoder_layers: int = 2,
+    attention_head_size: int = 64,
     **kwargs,
 ) -> MPLUGConfig:
     """A small mPLUG for the embedded dataset (no dropout; connected attention every layer after the first)."""
@@ -161,7 +162,7 @@ def demo_config(
             hidden_size=vision_width,
             intermediate_size=4 * vision_width,
             num_hidden_layers=vision_layers,
-            num_attention_heads=max(1, vision_width // 64),
+            num_attention_heads=max(1, vision_width // attention_head_size),
             image_size=image_size,
             patch_size=patch_size,
             attention_dropout=0.0,
@@ -170,7 +171,7 @@ def demo_config(
             vocab_size=vocab_size,
             hidden_size=text_width,
             num_hidden_layers=text_layers,
-            num_attention_heads=max(1, text_width // 64),
+            num_attention_heads=max(1, text_width // attention_head_size),
             intermediate_size=4 * text_width,
             max_position_embeddings=64,
             hidden_dropout_prob=0.0,
@@ -267,11 +268,12 @@ class DemoModelArguments:
     text_layers: int = field(default=2)
     cross_modal_layers: int = field(default=2)
     decoder_layers: int = field(default=2)
+    attention_head_size: int = field(default=64, metadata={"help": "width of one attention head of a fresh model"})
 
     def fresh_config(self, vocab_size: int, **overrides) -> MPLUGConfig:
         """[`demo_config`] with these sizes."""
         sizes = ("image_size", "patch_size", "vision_width", "vision_layers", "text_width", "text_layers")
-        sizes += ("cross_modal_layers", "decoder_layers")
+        sizes += ("cross_modal_layers", "decoder_layers", "attention_head_size")
         return demo_config(vocab_size, **{name: getattr(self, name) for name in sizes}, **overrides)
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import transformers
 from mplug_examples import (  # the examples folder (next to this script)
+    DemoModelArguments,
     demo_processor,
     finish_distributed,
     load_image_column,
@@ -35,7 +36,7 @@ from mplug_examples import (  # the examples folder (next to this script)
 )
 from transformers import HfArgumentParser, Trainer, TrainingArguments, pipeline, set_seed
 
-from transformers_mplug import MPLUGConfig, MPLUGForQuestionAnswering, MPLUGProcessor
+from transformers_mplug import MPLUGForQuestionAnswering, MPLUGProcessor
 from transformers_mplug.data import MPLUGVQACollator, load_shapes_dataset
 from transformers_mplug.metrics import vqa_accuracy
 
@@ -74,18 +75,9 @@ DEMO_DEFAULTS = [
 
 
 @dataclass
-class ModelArguments:
-    model_name_or_path: str | None = field(default=None, metadata={"help": "a converted/saved mPLUG folder or Hub id"})
-    vocab_path: str | None = field(default=None, metadata={"help": "WordPiece vocab.txt for a fresh model"})
-    image_size: int = field(default=64, metadata={"help": "resolution of a fresh model"})
+class ModelArguments(DemoModelArguments):
     patch_size: int = field(default=16)
-    vision_width: int = field(default=128)
-    vision_layers: int = field(default=4)
-    text_width: int = field(default=128)
-    text_layers: int = field(default=2)
     cross_modal_layers: int = field(default=4)
-    decoder_layers: int = field(default=2)
-    attention_head_size: int = field(default=64, metadata={"help": "width of one attention head of a fresh model"})
     eval_num_beams: int = field(default=1, metadata={"help": "beams when scoring VQA accuracy"})
     eval_only: bool = field(default=False, metadata={"help": "evaluate --model_name_or_path without training"})
     vision_learning_rate: float | None = field(
@@ -216,32 +208,7 @@ def build_model_and_processor(model_args: ModelArguments, output_dir: Path):
         processor = MPLUGProcessor.from_pretrained(model_args.model_name_or_path)
         return model, processor
     processor = demo_processor(output_dir, model_args.image_size, model_args.vocab_path)
-    head_size = model_args.attention_head_size
-    config = MPLUGConfig(
-        vision_config=dict(
-            hidden_size=model_args.vision_width,
-            intermediate_size=4 * model_args.vision_width,
-            num_hidden_layers=model_args.vision_layers,
-            num_attention_heads=max(1, model_args.vision_width // head_size),
-            image_size=model_args.image_size,
-            patch_size=model_args.patch_size,
-            attention_dropout=0.0,
-        ),
-        text_config=dict(
-            vocab_size=len(processor.tokenizer),
-            hidden_size=model_args.text_width,
-            num_hidden_layers=model_args.text_layers,
-            num_attention_heads=max(1, model_args.text_width // head_size),
-            intermediate_size=4 * model_args.text_width,
-            max_position_embeddings=64,
-            hidden_dropout_prob=0.0,
-            attention_probs_dropout_prob=0.0,
-        ),
-        num_cross_modal_layers=model_args.cross_modal_layers,
-        connected_attention_stride=1,
-        num_decoder_layers=model_args.decoder_layers,
-        vision_projection_dropout=0.0,
-    )
+    config = model_args.fresh_config(len(processor.tokenizer))
     return MPLUGForQuestionAnswering(config), processor
 
 

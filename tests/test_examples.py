@@ -315,7 +315,7 @@ def test_stale_extension_locks_are_named(tmp_path, monkeypatch, caplog):
     assert str(old) in caplog.text and "60 min old" in caplog.text
 
 
-def test_demo_vocabulary_is_written_in_one_step(tmp_path):
+def test_demo_vocabulary_replaces_a_partial_file_and_leaves_no_private_copy(tmp_path):
     sys.path.insert(0, str(REPO_ROOT / "examples"))
     try:
         import mplug_examples

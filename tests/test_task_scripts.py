@@ -23,7 +23,7 @@ from transformers_mplug import (
 from transformers_mplug.data import shapes_examples
 from transformers_mplug.metrics import CiderD
 
-from .conftest import REPO_ROOT
+from .conftest import REPO_ROOT, fit_fixed_batch
 
 TINY = "--vision_width 32 --vision_layers 1 --text_width 32 --image_size 32 --patch_size 16"
 TINY += " --per_device_train_batch_size 8 --per_device_eval_batch_size 8 --logging_steps 1"
@@ -410,13 +410,5 @@ def test_a_few_steps_reduce_the_entailment_loss_on_the_embedded_data(shapes_proc
         ),
         id2label=dict(enumerate(["entailment", "neutral", "contradiction"])),
     )
-    model = MPLUGForVisualEntailment(config).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
-    losses = []
-    for _ in range(40):
-        loss = model(**batch, labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss))
+    losses = fit_fixed_batch(MPLUGForVisualEntailment(config), batch, labels)
     assert losses[-1] < 0.6 * losses[0], losses  # the head and trunk fit a fixed batch of embedded rows
