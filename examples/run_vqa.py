@@ -76,8 +76,12 @@ DEMO_DEFAULTS = [
 
 @dataclass
 class ModelArguments(DemoModelArguments):
-    patch_size: int = field(default=16)
+    # the embedded demo's model: one 32-px patch per cell of the 2x2 scene grid (the shape is then a feature of one
+    # patch), four fusion layers, and a third decoder layer (the answer to "where is the <colour> <shape>?" needs one
+    # layer to read the question and another to look up the object)
+    patch_size: int = field(default=32)
     cross_modal_layers: int = field(default=4)
+    decoder_layers: int = field(default=3)
     eval_num_beams: int = field(default=1, metadata={"help": "beams when scoring VQA accuracy"})
     eval_only: bool = field(default=False, metadata={"help": "evaluate --model_name_or_path without training"})
     vision_learning_rate: float | None = field(
@@ -108,6 +112,9 @@ class DataArguments:
     describe_weight: float = field(
         default=0.25,
         metadata={"help": "loss weight of the describe rows (their NLL sums ~20 tokens against 1-2 of an answer)"},
+    )
+    questions_per_scene: int = field(
+        default=1, metadata={"help": "embedded dataset: questions of different kinds asked about each training scene"}
     )
     max_eval_samples: int | None = field(default=None)
     max_question_length: int = field(default=25)
@@ -188,6 +195,7 @@ def load_data(data_args: DataArguments, image_size: int):
             image_size=image_size,
             describe=data_args.describe_questions,
             describe_weight=data_args.describe_weight,
+            questions_per_scene=data_args.questions_per_scene,
         )
     if "validation" not in raw:
         raw = raw["train"].train_test_split(test_size=0.1, seed=0)

@@ -103,3 +103,45 @@ def test_describe_rows_only_in_training(shapes_processor):
     assert "what is in the picture?" not in dataset["validation"]["question"]
     batch = MPLUGVQACollator(shapes_processor)(described[:2])
     assert shapes_processor.tokenizer.unk_token_id not in batch["labels"].flatten().tolist()
+
+
+def _answer_from_scene(row) -> str:
+    """The answer to a row's question worked out from its description (`a <colour> <shape> at the <place>, ...`)."""
+    objects = [part.split(" at the ") for part in row["description"].replace(" and ", ", ").split(", ")]
+    objects = [(what.split()[1], what.split()[2], place) for what, place in objects]
+    words = row["question"].rstrip("?").split()
+    if row["question"].startswith("how many"):
+        return {1: "one", 2: "two", 3: "three"}[len(objects)]
+    if row["question"].startswith("is there"):
+        return "yes" if (words[3], words[4]) in {(c, s) for c, s, _ in objects} else "no"
+    if row["question"].startswith("what color"):
+        (match,) = [c for c, s, _ in objects if s == words[4]]
+        return match
+    if row["question"].startswith("what shape"):
+        (match,) = [s for c, s, _ in objects if c == words[4]]
+        return match
+    (match,) = [p for c, s, p in objects if (c, s) == (words[3], words[4])]
+    return match
+
+
+def test_several_questions_per_scene():
+    single = shapes_examples(30, seed=6)
+    several = shapes_examples(30, seed=6, questions_per_scene=5)
+    by_scene: dict[str, list[dict]] = {}
+    for row in several:
+        by_scene.setdefault(row["description"], []).append(row)
+    assert len(by_scene) == 30 and len(several) > 3 * 30
+    assert single[0]["question"] == several[0]["question"]  # the first question of a scene is the usual one
+    for rows in by_scene.values():
+        kinds = [" ".join(r["question"].split()[:2]) for r in rows]
+        assert len(set(kinds)) == len(kinds) and {"how many", "is there"} <= set(kinds)
+        for row in rows:
+            assert row["answers"][0] == _answer_from_scene(row), row
+            assert np.array_equal(np.asarray(row["image"]), np.asarray(rows[0]["image"]))
+    assert all(r["answers"][0] == _answer_from_scene(r) for r in single)
+    dataset = load_shapes_dataset(num_train=6, num_eval=4, image_size=32, questions_per_scene=3)
+    assert len(dataset["train"]) == len(shapes_examples(6, seed=0, image_size=32, questions_per_scene=3)) > 12
+    assert len(dataset["validation"]) == 4
+    for bad in (0, 6):
+        with pytest.raises(ValueError, match="questions_per_scene"):
+            shapes_examples(2, questions_per_scene=bad)

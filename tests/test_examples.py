@@ -74,7 +74,11 @@ def test_run_vqa_on_the_embedded_dataset(tmp_path):
         "2",
         "--demo_questions",
         "2",
+        "--questions_per_scene",
+        "3",
     )
+    expected_rows = len(shapes_examples(48, seed=0, image_size=32, describe=True, questions_per_scene=3))
+    assert f"train {expected_rows} examples, validation 16" in result.stderr  # 1 describe + up to 3 questions a scene
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0.0 <= metrics["eval_vqa_accuracy"] <= 1.0 and "prior_baseline_vqa_accuracy" in metrics
     assert (out / "training_curves.png").stat().st_size > 1000

@@ -54,9 +54,26 @@ def _scene(rng: random.Random) -> list[dict[str, Any]]:
     return [{"color": rng.choice(list(COLORS)), "shape": rng.choice(SHAPES), "cell": cell} for cell in cells]
 
 
-def _question(objects: list[dict[str, Any]], rng: random.Random) -> tuple[str, list[str], list[float]]:
-    """A question about the scene with its answers and VQA-style soft scores."""
-    kinds = ["count", "exists", "color", "shape", "where"]
+QUESTION_KINDS = ("count", "exists", "color", "shape", "where")
+
+
+def _askable(kind: str, objects: list[dict[str, Any]]) -> bool:
+    """Whether the scene has an object that a question of `kind` can name unambiguously."""
+    pairs = [(o["color"], o["shape"]) for o in objects]
+    if kind == "color":
+        return any([p[1] for p in pairs].count(shape) == 1 for _, shape in pairs)
+    if kind == "shape":
+        return any([p[0] for p in pairs].count(color) == 1 for color, _ in pairs)
+    if kind == "where":
+        return any(pairs.count(pair) == 1 for pair in pairs)
+    return True
+
+
+def _question(
+    objects: list[dict[str, Any]], rng: random.Random, kinds: Sequence[str] = QUESTION_KINDS
+) -> tuple[str, str, list[str], list[float]]:
+    """A question of one of `kinds` about the scene: its kind, text, answers and VQA-style soft scores."""
+    kinds = list(kinds)
     while True:
         kind = rng.choice(kinds)
         target = rng.choice(objects)
@@ -65,19 +82,19 @@ def _question(objects: list[dict[str, Any]], rng: random.Random) -> tuple[str, l
         same_both = [o for o in same_color if o["shape"] == target["shape"]]
         if kind == "count":
             n = len(objects)
-            return "how many shapes are there?", [NUMBER_WORDS[n], str(n)], [1.0, 0.3]
+            return kind, "how many shapes are there?", [NUMBER_WORDS[n], str(n)], [1.0, 0.3]
         if kind == "exists":
             color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
             if rng.random() < 0.5:
                 color, shape = target["color"], target["shape"]
             present = any(o["color"] == color and o["shape"] == shape for o in objects)
-            return f"is there a {color} {shape}?", ["yes" if present else "no"], [1.0]
+            return kind, f"is there a {color} {shape}?", ["yes" if present else "no"], [1.0]
         if kind == "color" and len(same_shape) == 1:
-            return f"what color is the {target['shape']}?", [target["color"]], [1.0]
+            return kind, f"what color is the {target['shape']}?", [target["color"]], [1.0]
         if kind == "shape" and len(same_color) == 1:
-            return f"what shape is the {target['color']} object?", [target["shape"]], [1.0]
+            return kind, f"what shape is the {target['color']} object?", [target["shape"]], [1.0]
         if kind == "where" and len(same_both) == 1:
-            return f"where is the {target['color']} {target['shape']}?", [POSITIONS[target["cell"]]], [1.0]
+            return kind, f"where is the {target['color']} {target['shape']}?", [POSITIONS[target["cell"]]], [1.0]
 
 
 def _caption(objects: list[dict[str, Any]], positions: bool = False) -> str:
@@ -92,55 +109,67 @@ DESCRIBE_QUESTION = "what is in the picture?"
 
 
 def shapes_examples(
-    num_examples: int, seed: int = 0, image_size: int = 64, describe: bool = False, describe_weight: float = 1.0
+    num_examples: int,
+    seed: int = 0,
+    image_size: int = 64,
+    describe: bool = False,
+    describe_weight: float = 1.0,
+    questions_per_scene: int = 1,
 ) -> list[dict[str, Any]]:
     """Rows of the embedded dataset: `image`, `question`, `answers`, `answer_weights`, `vqa_answers` (10 human-style
     answers for the official VQA accuracy), `caption`, `description` (the caption with each object's position),
     `phrase`, `box` (pixel `x1, y1, x2, y2` of the phrase).
 
     With `describe=True` every scene also gets a row asking "what is in the picture?" answered by a description
-    naming every object's colour, shape and position (a dense training signal)."""
+    naming every object's colour, shape and position (a dense training signal). `questions_per_scene` asks up to that
+    many questions of different kinds about each scene (as VQA asks several questions per image)."""
     if num_examples < 1:
         raise ValueError(f"`num_examples` must be >= 1, got {num_examples}.")
+    if not 1 <= questions_per_scene <= len(QUESTION_KINDS):
+        raise ValueError(
+            f"`questions_per_scene` must be between 1 and {len(QUESTION_KINDS)} (one per question kind), "
+            f"got {questions_per_scene}."
+        )
     rng = random.Random(seed)
     rows = []
     for _ in range(num_examples):
         objects = _scene(rng)
-        question, answers, weights = _question(objects, rng)
+        questions = [_question(objects, rng)]
         target = rng.choice(objects)
         phrase = f"the {target['color']} {target['shape']}"
         if sum(o["color"] == target["color"] and o["shape"] == target["shape"] for o in objects) > 1:
             phrase += f" at the {POSITIONS[target['cell']]}"
-        human = [answers[0]] * 10 if len(answers) == 1 else [answers[0]] * 7 + [answers[1]] * 3
+        for _ in range(questions_per_scene - 1):
+            asked = {kind for kind, *_ in questions}
+            kinds = [kind for kind in QUESTION_KINDS if kind not in asked and _askable(kind, objects)]
+            if not kinds:
+                break
+            questions.append(_question(objects, rng, kinds))
         image = draw_scene(objects, image_size)
+        scene = {
+            "image": image,
+            "caption": _caption(objects),
+            "description": _caption(objects, positions=True),
+            "phrase": phrase,
+            "box": _object_box(target, image_size),
+        }
         if describe:
-            description = _caption(objects, positions=True)
             rows.append(
                 {
-                    "image": image,
+                    **scene,
                     "question": DESCRIBE_QUESTION,
-                    "answers": [description],
+                    "answers": [scene["description"]],
                     "answer_weights": [describe_weight],
-                    "vqa_answers": [description] * 10,
-                    "caption": _caption(objects),
-                    "description": description,
+                    "vqa_answers": [scene["description"]] * 10,
                     "phrase": "",
                     "box": [0.0] * 4,
                 }
             )
-        rows.append(
-            {
-                "image": image,
-                "question": question,
-                "answers": answers,
-                "answer_weights": weights,
-                "vqa_answers": human,
-                "caption": _caption(objects),
-                "description": _caption(objects, positions=True),
-                "phrase": phrase,
-                "box": _object_box(target, image_size),
-            }
-        )
+        for _, question, answers, weights in questions:
+            human = [answers[0]] * 10 if len(answers) == 1 else [answers[0]] * 7 + [answers[1]] * 3
+            rows.append(
+                {**scene, "question": question, "answers": answers, "answer_weights": weights, "vqa_answers": human}
+            )
     return rows
 
 
@@ -151,9 +180,10 @@ def load_shapes_dataset(
     image_size: int = 64,
     describe: bool = False,
     describe_weight: float = 1.0,
+    questions_per_scene: int = 1,
 ):
     """The embedded dataset as a `datasets.DatasetDict` with `train` and `validation` splits (different seeds);
-    `describe` adds the describe-the-scene rows to the training split only."""
+    `describe` and `questions_per_scene` shape the training split only (validation asks one question per scene)."""
     try:
         import datasets
     except ImportError as error:  # pragma: no cover - the training extra installs it
@@ -172,13 +202,18 @@ def load_shapes_dataset(
         }
     )
 
-    def split(count: int, split_seed: int, with_describe: bool):
-        rows = shapes_examples(count, split_seed, image_size, describe=with_describe, describe_weight=describe_weight)
+    def split(count: int, split_seed: int, training: bool):
+        rows = shapes_examples(
+            count,
+            split_seed,
+            image_size,
+            describe=describe and training,
+            describe_weight=describe_weight,
+            questions_per_scene=questions_per_scene if training else 1,
+        )
         return datasets.Dataset.from_list(rows, features=features)
 
-    return datasets.DatasetDict(
-        {"train": split(num_train, seed, describe), "validation": split(num_eval, seed + 1, False)}
-    )
+    return datasets.DatasetDict({"train": split(num_train, seed, True), "validation": split(num_eval, seed + 1, False)})
 
 
 ENTAILMENT_LABELS = ("entailment", "neutral", "contradiction")
