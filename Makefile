@@ -29,7 +29,7 @@ quickstart: $(VENV)/.installed
 	$(VENV)/bin/python examples/quickstart.py
 
 test: $(VENV)/.installed $(TF52_DIR)/.installed
-	MPLUG_TF52_PATH=$(abspath $(TF52_DIR)) $(VENV)/bin/python -m pytest -q tests --doctest-modules src/transformers_mplug
+	MPLUG_TF52_PATH=$(abspath $(TF52_DIR)) $(VENV)/bin/python -m pytest -q --durations=12 tests --doctest-modules src/transformers_mplug
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests examples conversion
