@@ -76,9 +76,9 @@ DEMO_DEFAULTS = [
 
 @dataclass
 class ModelArguments(DemoModelArguments):
-    # the embedded demo's model: one 32-px patch per cell of the 2x2 scene grid (the shape is then a feature of one
-    # patch), four fusion layers, and a third decoder layer (the answer to "where is the <colour> <shape>?" needs one
-    # layer to read the question and another to look up the object)
+    # the embedded demo's model: one 32-px patch per cell of the 2x2 scene grid (an object's shape is then the content
+    # of one patch), four fusion layers and three decoder layers; measured against 16-px patches and two decoder
+    # layers, which mostly failed "where is the <colour> <shape>?" (README: the main job)
     patch_size: int = field(default=32)
     cross_modal_layers: int = field(default=4)
     decoder_layers: int = field(default=3)

@@ -57,29 +57,24 @@ def _scene(rng: random.Random) -> list[dict[str, Any]]:
 QUESTION_KINDS = ("count", "exists", "color", "shape", "where")
 
 
+def _names_uniquely(kind: str, target: dict[str, Any], objects: list[dict[str, Any]]) -> bool:
+    """Whether a question of `kind` about `target` names it unambiguously (by shape, colour, or both)."""
+    keys = {"color": ("shape",), "shape": ("color",), "where": ("color", "shape")}.get(kind)
+    return keys is None or sum(all(o[k] == target[k] for k in keys) for o in objects) == 1
+
+
 def _askable(kind: str, objects: list[dict[str, Any]]) -> bool:
     """Whether the scene has an object that a question of `kind` can name unambiguously."""
-    pairs = [(o["color"], o["shape"]) for o in objects]
-    if kind == "color":
-        return any([p[1] for p in pairs].count(shape) == 1 for _, shape in pairs)
-    if kind == "shape":
-        return any([p[0] for p in pairs].count(color) == 1 for color, _ in pairs)
-    if kind == "where":
-        return any(pairs.count(pair) == 1 for pair in pairs)
-    return True
+    return any(_names_uniquely(kind, target, objects) for target in objects)
 
 
 def _question(
     objects: list[dict[str, Any]], rng: random.Random, kinds: Sequence[str] = QUESTION_KINDS
 ) -> tuple[str, str, list[str], list[float]]:
     """A question of one of `kinds` about the scene: its kind, text, answers and VQA-style soft scores."""
-    kinds = list(kinds)
     while True:
         kind = rng.choice(kinds)
         target = rng.choice(objects)
-        same_shape = [o for o in objects if o["shape"] == target["shape"]]
-        same_color = [o for o in objects if o["color"] == target["color"]]
-        same_both = [o for o in same_color if o["shape"] == target["shape"]]
         if kind == "count":
             n = len(objects)
             return kind, "how many shapes are there?", [NUMBER_WORDS[n], str(n)], [1.0, 0.3]
@@ -89,12 +84,13 @@ def _question(
                 color, shape = target["color"], target["shape"]
             present = any(o["color"] == color and o["shape"] == shape for o in objects)
             return kind, f"is there a {color} {shape}?", ["yes" if present else "no"], [1.0]
-        if kind == "color" and len(same_shape) == 1:
+        if not _names_uniquely(kind, target, objects):
+            continue
+        if kind == "color":
             return kind, f"what color is the {target['shape']}?", [target["color"]], [1.0]
-        if kind == "shape" and len(same_color) == 1:
+        if kind == "shape":
             return kind, f"what shape is the {target['color']} object?", [target["shape"]], [1.0]
-        if kind == "where" and len(same_both) == 1:
-            return kind, f"where is the {target['color']} {target['shape']}?", [POSITIONS[target["cell"]]], [1.0]
+        return kind, f"where is the {target['color']} {target['shape']}?", [POSITIONS[target["cell"]]], [1.0]
 
 
 def _caption(objects: list[dict[str, Any]], positions: bool = False) -> str:
