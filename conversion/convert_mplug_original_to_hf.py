@@ -13,6 +13,7 @@ See conversion/README.md for every released file.
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import os
@@ -98,8 +99,15 @@ def read_bert_config(path: str | None) -> dict[str, Any] | None:
         return json.load(handle)
 
 
-def generation_config_for(model, task: str, task_config: dict[str, Any]):
-    """The original task decoding settings (yaml `beam_size`, `min_length`, `max_length`)."""
+def is_video_task(task_config: dict[str, Any]) -> bool:
+    """The video task yamls (VATEX captioning, MSRVTT QA/retrieval) set frame counts and video roots."""
+    return any(key.startswith("num_frm") or "video" in key for key in task_config)
+
+
+def generation_config_for(model, task: str, task_config: dict[str, Any], processor: MPLUGProcessor | None = None):
+    """The original task decoding: the original beam search (`decoding_mode="original"`) with the yaml's
+    `beam_size`, `min_length` and `max_length`; for video captioning also the prompt the original generator starts
+    from (`tokenizer(prompt).input_ids[:, :-1]`, which drops the prompt's last token: `[CLS] a picture`)."""
     if task not in ("vqa", "caption"):
         return None
     config = model.default_generation_config(model.config)
@@ -109,6 +117,11 @@ def generation_config_for(model, task: str, task_config: dict[str, Any]):
         config.min_new_tokens = int(task_config["min_length"])
     if "max_length" in task_config:
         config.max_new_tokens = int(task_config["max_length"])
+    if task == "caption" and is_video_task(task_config) and task_config.get("prompt"):
+        if processor is None:
+            raise ValueError("The video-captioning prompt needs the processor (vocabulary) to be tokenised.")
+        ids = processor.encode_text(task_config["prompt"], return_tensors=None)["input_ids"][0]
+        config.decoder_prompt_ids = ids[:-1]
     return config
 
 
@@ -155,7 +168,15 @@ def probe_outputs(model, task: str, inputs: dict[str, torch.Tensor]) -> dict[str
     if task == "caption":
         out = model(pixel_values=pixels, labels=inputs["answers"])
         greedy = model.generate(pixel_values=pixels, num_beams=1, min_new_tokens=1, max_new_tokens=5)
-        return {"image_embeds": out.memory, "logits": out.logits, "loss": out.loss, "greedy_ids": greedy}
+        beam = model.generate(pixel_values=pixels, return_dict_in_generate=True, output_scores=True)
+        return {
+            "image_embeds": out.memory,
+            "logits": out.logits,
+            "loss": out.loss,
+            "greedy_ids": greedy,
+            "default_decoding_ids": beam.sequences,
+            "default_decoding_scores": beam.sequences_scores,
+        }
     trunk = model.mplug(pixel_values=pixels, input_ids=ids, attention_mask=mask)
     result = {
         "image_embeds": trunk.image_embeds,
@@ -172,6 +193,10 @@ def probe_outputs(model, task: str, inputs: dict[str, torch.Tensor]) -> dict[str
                 pixel_values=pixels, input_ids=ids, attention_mask=mask, num_beams=1, min_new_tokens=1, max_new_tokens=5
             ),
         )
+        beam = model.generate(
+            pixel_values=pixels, input_ids=ids, attention_mask=mask, return_dict_in_generate=True, output_scores=True
+        )
+        result.update(default_decoding_ids=beam.sequences, default_decoding_scores=beam.sequences_scores)
     elif task in ("retrieval", "pretrained"):
         result.update(
             image_features=model.get_image_features(pixel_values=pixels),
@@ -195,6 +220,14 @@ def probe_outputs(model, task: str, inputs: dict[str, torch.Tensor]) -> dict[str
             pred_tokens=prediction.pred_tokens,
         )
     return result
+
+
+def _as_recorded_ids(output) -> torch.Tensor:
+    """`generate` output as the fixtures record beam ids: `(batch, 1, length)`, -1 after each sequence."""
+    ids = output.sequences.clone()
+    positions = torch.arange(ids.shape[1], device=ids.device)
+    ids[positions[None, :] >= output.sequence_lengths[:, None]] = -1
+    return ids[:, None, :]
 
 
 def reference_checks(model, task: str, reference_dir: Path) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
@@ -269,6 +302,17 @@ def reference_checks(model, task: str, reference_dir: Path) -> list[tuple[str, t
                     ("teacher_forced.logits", out.logits, ref["teacher_forced"]["logits"]),
                     ("teacher_forced.loss", out.loss, ref["teacher_forced"]["loss"]),
                 ]
+        if task in ("vqa", "caption") and "generate_beam" in ref:
+            # the folder's default decoding against the original's beam search
+            if task == "vqa":
+                decode_inputs = dict(pixel_values=pixels, input_ids=ids, attention_mask=mask)
+            else:
+                decode_inputs = dict(pixel_values=pixels)
+            beam = model.generate(**decode_inputs, return_dict_in_generate=True, output_scores=True)
+            checks += [
+                ("generate_beam.ids", _as_recorded_ids(beam), ref["generate_beam"]["ids"]),
+                ("generate_beam.scores", beam.sequences_scores.view(-1, 1), ref["generate_beam"]["scores"]),
+            ]
         if task == "retrieval" and "evaluation" in ref:
             result = model.retrieve(
                 pixel_values=inputs["eval_image"],
@@ -315,8 +359,11 @@ def format_table(table: list) -> str:
     return "\n".join(lines)
 
 
-def verify(args, folder: Path, reference_model, task_config) -> tuple[str, bool]:
+def verify(args, folder: Path, reference_model, task_config, generation_config=None) -> tuple[str, bool]:
     model_class = TASKS[args.task]
+    if generation_config is not None:
+        # the same decoding on both sides: the folder's (default generate) against the original tensors
+        reference_model.generation_config = copy.deepcopy(generation_config)
     loaded, info = model_class.from_pretrained(
         folder, output_loading_info=True, attn_implementation="eager", dtype=torch.float32
     )
@@ -345,7 +392,26 @@ def verify(args, folder: Path, reference_model, task_config) -> tuple[str, bool]
 
 
 # ------------------------------------------------------------------------------------------------ outputs
-def model_card(args, model, mapping, task_config: dict, parity: str | None, checksum: str) -> str:
+def decoding_section(generation_config) -> str:
+    if generation_config is None:
+        return ""
+    prompt = getattr(generation_config, "decoder_prompt_ids", None)
+    return f"""
+## Decoding
+
+`generate(**inputs)` with no decoding arguments decodes as the original evaluation: the original mPLUG beam search
+(`decoding_mode="original"` in `generation_config.json`: GNMT length penalty, finished beams keep running, an item ends
+when its best beam ends), {generation_config.num_beams} beams, {generation_config.min_new_tokens} to
+{generation_config.max_new_tokens} new tokens{f", starting from the prompt ids {prompt} (the original feeds the prompt without its last token)" if prompt else ""}.
+`model.generate(**inputs, decoding_mode="transformers")` uses transformers' own beam search (or greedy/sampling)
+instead; `return_dict_in_generate=True, output_scores=True` returns the original hypothesis scores as
+`sequences_scores`.
+"""
+
+
+def model_card(
+    args, model, mapping, task_config: dict, parity: str | None, checksum: str, generation_config=None
+) -> str:
     config = model.config
     vision, text = config.vision_config, config.text_config
     task_names = {
@@ -358,11 +424,10 @@ def model_card(args, model, mapping, task_config: dict, parity: str | None, chec
     usage = {
         "vqa": 'inputs = processor(images=image, text="what is in the picture?")\n'
         "print(processor.batch_decode(model.generate(**inputs)))",
-        "caption": "inputs = processor(images=image)\n"
-        + (
-            f'inputs["input_ids"] = processor(text="{task_config["prompt"]}")["input_ids"]\n'
-            if task_config.get("prompt")
-            else ""
+        "caption": (
+            "inputs = processor(videos=frames)  # a list of PIL frames\n"
+            if is_video_task(task_config)
+            else "inputs = processor(images=image)\n"
         )
         + "print(processor.batch_decode(model.generate(**inputs)))",
         "retrieval": 'texts = processor(text=["a dog", "a cat"])\n'
@@ -415,7 +480,7 @@ model = {type(model).__name__}.from_pretrained("path/to/this/folder")
 processor = MPLUGProcessor.from_pretrained("path/to/this/folder")
 {usage}
 ```
-
+{decoding_section(generation_config)}
 ## Parity
 
 {parity or "Not verified at conversion (run the converter with `--verify`)."}
@@ -491,14 +556,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     output_dir = Path(args.output_dir)
     checksum = sha256(args.checkpoint_path)
-    generation_config = generation_config_for(model, args.task, task_config)
+    generation_config = generation_config_for(model, args.task, task_config, processor)
     write_folder(args, model, processor, generation_config, output_dir)
     parity, ok = None, True
     if args.verify:
-        parity, ok = verify(args, output_dir, model, task_config)
+        parity, ok = verify(args, output_dir, model, task_config, generation_config)
         print(parity)
     (output_dir / "README.md").write_text(
-        model_card(args, model, mapping, task_config, parity, checksum), encoding="utf-8"
+        model_card(args, model, mapping, task_config, parity, checksum, generation_config), encoding="utf-8"
     )
     if not ok:
         print("error: the converted model does not reproduce the original outputs", file=sys.stderr)

@@ -3,6 +3,7 @@ setup, image columns from files, the embedded demo's vocabulary and fresh model 
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import time
@@ -10,9 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import HfArgumentParser, Trainer, TrainingArguments
+from transformers import GenerationConfig, HfArgumentParser, Trainer, TrainingArguments
 
-from transformers_mplug import MPLUGConfig, MPLUGProcessor
+from transformers_mplug import DECODING_MODES, MPLUGConfig, MPLUGProcessor
 from transformers_mplug.data import shapes_vocabulary
 
 logger = logging.getLogger(__name__)
@@ -275,6 +276,33 @@ class DemoModelArguments:
         sizes = ("image_size", "patch_size", "vision_width", "vision_layers", "text_width", "text_layers")
         sizes += ("cross_modal_layers", "decoder_layers", "attention_head_size")
         return demo_config(vocab_size, **{name: getattr(self, name) for name in sizes}, **overrides)
+
+
+def evaluation_decoding(
+    model,
+    decoding_mode: str,
+    num_beams: int,
+    max_new_tokens: int | None = None,
+    min_new_tokens: int | None = None,
+) -> GenerationConfig:
+    """The model's generation config with the decoding the script evaluates with (`decoding_mode`, beams, lengths;
+    `None` keeps the model's value). The scripts install it as `model.generation_config`, so that the evaluation, the
+    saved `generation_config.json` and the pipelines of the saved folder decode the same way."""
+    if decoding_mode not in DECODING_MODES:
+        raise ValueError(f"--eval_decoding_mode must be one of {list(DECODING_MODES)}, got {decoding_mode!r}.")
+    config = copy.deepcopy(model.generation_config)
+    config.decoding_mode = decoding_mode
+    config.num_beams = num_beams
+    if max_new_tokens is not None:
+        config.max_new_tokens = max_new_tokens
+    if min_new_tokens is not None:
+        config.min_new_tokens = min_new_tokens
+    if config.min_new_tokens is not None and config.max_new_tokens is not None:
+        if config.min_new_tokens > config.max_new_tokens:
+            raise ValueError(
+                f"--min_new_tokens ({config.min_new_tokens}) exceeds --max_new_tokens ({config.max_new_tokens})."
+            )
+    return config
 
 
 def with_validation_split(raw, required_columns):

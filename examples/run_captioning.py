@@ -30,6 +30,7 @@ import transformers
 from mplug_examples import (
     DemoModelArguments,
     demo_processor,
+    evaluation_decoding,
     finish_distributed,
     load_image_column,
     parse_with_defaults,
@@ -72,7 +73,12 @@ DEMO_DEFAULTS = [
 @dataclass
 class ModelArguments(DemoModelArguments):
     eval_num_beams: int = field(default=1, metadata={"help": "beams when scoring held-out captions"})
+    eval_decoding_mode: str = field(
+        default="original",
+        metadata={"help": "'original' (the original mPLUG beam search) or 'transformers'; saved with the model"},
+    )
     max_new_tokens: int = field(default=25)
+    min_new_tokens: int | None = field(default=None, metadata={"help": "default: the model's (the original's 8)"})
     scst: bool = field(default=False, metadata={"help": "self-critical training with the CIDEr-D reward"})
     scst_num_beams: int = field(default=5, metadata={"help": "hypotheses per image in SCST (the beam)"})
 
@@ -183,7 +189,6 @@ class CaptioningTrainer(Trainer):
             self.cider.scores,
             self.caption_processor.batch_decode,
             num_beams=self.model_args.scst_num_beams,
-            max_new_tokens=self.model_args.max_new_tokens,
             prompt_ids=self._prompt_ids(pixel_values.shape[0], pixel_values.device),
             forward_model=model,
         )
@@ -205,8 +210,6 @@ class CaptioningTrainer(Trainer):
             dataset,
             self.data_args,
             self.args.per_device_eval_batch_size,
-            self.model_args.eval_num_beams,
-            self.model_args.max_new_tokens,
         )
         scores = caption_metrics(captions, references_of(dataset, self.data_args))
         scores = {f"{metric_key_prefix}_{k.replace('-', '_')}": v for k, v in scores.items()}
@@ -216,7 +219,8 @@ class CaptioningTrainer(Trainer):
 
 
 @torch.no_grad()
-def generate_captions(model, processor, dataset, data_args, batch_size: int, num_beams: int, max_new_tokens: int):
+def generate_captions(model, processor, dataset, data_args, batch_size: int):
+    """Captions decoded with the model's generation config (the script's evaluation decoding)."""
     model.eval()
     prompt = processor.encode_text(data_args.prompt, return_tensors="pt")["input_ids"] if data_args.prompt else None
     captions = []
@@ -224,9 +228,7 @@ def generate_captions(model, processor, dataset, data_args, batch_size: int, num
         rows = dataset[start : start + batch_size]
         pixel_values = processor(images=rows[data_args.image_column])["pixel_values"].to(model.device)
         ids = None if prompt is None else prompt.expand(pixel_values.shape[0], -1).to(model.device)
-        output = model.generate(
-            pixel_values=pixel_values, input_ids=ids, num_beams=num_beams, max_new_tokens=max_new_tokens
-        )
+        output = model.generate(pixel_values=pixel_values, input_ids=ids)
         captions += processor.batch_decode(output[:, 1 if prompt is None else prompt.shape[1] :])
     return captions
 
@@ -243,6 +245,14 @@ def main(argv: list[str] | None = None) -> dict:
     set_seed(training_args.seed)
     output_dir = Path(training_args.output_dir)
     model, processor = build_model(model_args, output_dir)
+    # evaluation, SCST (its beam size aside) and the saved folder decode with this
+    model.generation_config = evaluation_decoding(
+        model,
+        model_args.eval_decoding_mode,
+        model_args.eval_num_beams,
+        model_args.max_new_tokens,
+        model_args.min_new_tokens,
+    )
     raw = load_data(data_args, processor.image_processor.size["height"])
     references_column = "references" if "references" in raw["train"].column_names else None
     collator = CaptioningCollator(

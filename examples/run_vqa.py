@@ -30,6 +30,7 @@ import transformers
 from mplug_examples import (  # the examples folder (next to this script)
     DemoModelArguments,
     demo_processor,
+    evaluation_decoding,
     finish_distributed,
     load_image_column,
     prepare_distributed,
@@ -83,6 +84,11 @@ class ModelArguments(DemoModelArguments):
     cross_modal_layers: int = field(default=4)
     decoder_layers: int = field(default=3)
     eval_num_beams: int = field(default=1, metadata={"help": "beams when scoring VQA accuracy"})
+    eval_decoding_mode: str = field(
+        default="original",
+        metadata={"help": "'original' (the original mPLUG beam search) or 'transformers'; saved with the model"},
+    )
+    eval_max_new_tokens: int = field(default=5, metadata={"help": "longest generated answer when scoring"})
     eval_only: bool = field(default=False, metadata={"help": "evaluate --model_name_or_path without training"})
     vision_learning_rate: float | None = field(
         default=None,
@@ -222,14 +228,15 @@ def build_model_and_processor(model_args: ModelArguments, output_dir: Path):
 
 # ------------------------------------------------------------------------------------------------ evaluation
 @torch.no_grad()
-def generate_answers(model, processor, dataset, data_args: DataArguments, batch_size: int, num_beams: int):
+def generate_answers(model, processor, dataset, data_args: DataArguments, batch_size: int):
+    """Answers decoded with the model's generation config (the script's evaluation decoding)."""
     model.eval()
     predictions = []
     for start in range(0, len(dataset), batch_size):
         rows = dataset[start : start + batch_size]
         inputs = processor(images=rows[data_args.image_column], text=rows[data_args.question_column])
         inputs = {k: v.to(model.device) for k, v in inputs.items()}
-        output = model.generate(**inputs, num_beams=num_beams, max_new_tokens=5)
+        output = model.generate(**inputs)
         predictions += processor.batch_decode(output)
     return predictions
 
@@ -264,12 +271,11 @@ class VQATrainer(Trainer):
         *args,
         vqa_processor=None,
         data_args=None,
-        eval_num_beams: int = 1,
         vision_learning_rate: float | None = None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
-        self.vqa_processor, self.data_args, self.eval_num_beams = vqa_processor, data_args, eval_num_beams
+        self.vqa_processor, self.data_args = vqa_processor, data_args
         self.vision_learning_rate = vision_learning_rate
 
     def create_optimizer(self, *args, **kwargs):
@@ -301,7 +307,6 @@ class VQATrainer(Trainer):
             dataset,
             self.data_args,
             self.args.per_device_eval_batch_size,
-            self.eval_num_beams,
         )
         scores = compute_vqa_metrics(
             predictions, references_of(dataset, self.data_args), list(dataset[self.data_args.question_column])
@@ -359,6 +364,9 @@ def main(argv: list[str] | None = None) -> dict:
     set_seed(training_args.seed)
     output_dir = Path(training_args.output_dir)
     model, processor = build_model_and_processor(model_args, output_dir)
+    model.generation_config = evaluation_decoding(
+        model, model_args.eval_decoding_mode, model_args.eval_num_beams, model_args.eval_max_new_tokens
+    )
     raw = load_data(data_args, processor.image_processor.size["height"])
     logger.info(
         "train %d examples, validation %d; %.1fM parameters",
@@ -386,7 +394,6 @@ def main(argv: list[str] | None = None) -> dict:
         data_collator=collator,
         vqa_processor=processor,
         data_args=data_args,
-        eval_num_beams=model_args.eval_num_beams,
         vision_learning_rate=model_args.vision_learning_rate,
     )
     started = time.time()
@@ -419,7 +426,7 @@ def main(argv: list[str] | None = None) -> dict:
             unset_hf_deepspeed_config()
             vqa = pipeline("visual-question-answering", model=str(output_dir))
             for row in raw["validation"].select(range(min(data_args.demo_questions, len(raw["validation"])))):
-                answer = vqa(row[data_args.image_column], row[data_args.question_column], num_beams=1)[0]
+                answer = vqa(row[data_args.image_column], row[data_args.question_column])[0]
                 truth = row[data_args.answers_column][0]
                 print(
                     f"Q: {row[data_args.question_column]:<40} A: {answer['answer']:<14} "

@@ -10,7 +10,11 @@ from pathlib import Path
 
 import torch
 
+from transformers_mplug import original_hypothesis_scores
+
 TOL = dict(atol=1e-5, rtol=1e-4)
+# hypothesis scores of the original beam search (sums of ~25 log-probabilities, magnitudes ~10-50)
+SCORE_TOL = dict(atol=1e-5, rtol=1e-6)
 
 
 def load(folder: Path):
@@ -23,6 +27,28 @@ def assert_ids_equal(ours: torch.Tensor, reference: torch.Tensor, pad_ids=(0, 10
         valid = [t for t in ref if t != -1]
         assert row[: len(valid)] == valid
         assert all(t in pad_ids for t in row[len(valid) :])
+
+
+def assert_beam_equal(output, reference: dict) -> None:
+    """`generate(..., return_dict_in_generate=True, output_scores=True)` against a recorded `generate_beam` /
+    `generate_greedy` / `scst_beam` (ids `(B, R, L)` with -1 padding, scores `(B, R)`): every returned hypothesis,
+    best first, ids exactly (the valid part; the rest is padding) and scores to `SCORE_TOL`."""
+    ids = reference["ids"]
+    batch, returned = ids.shape[:2]
+    assert output.sequences.shape[0] == batch * returned
+    sequences = output.sequences.view(batch, returned, -1)
+    lengths = output.sequence_lengths.view(batch, returned)
+    assert torch.equal(lengths, reference["lengths"])
+    for b in range(batch):
+        for r in range(returned):
+            valid = ids[b, r, : reference["lengths"][b, r]].tolist()
+            assert sequences[b, r].tolist()[: len(valid)] == valid, (b, r)
+            assert all(t == 0 for t in sequences[b, r, len(valid) :].tolist())
+    torch.testing.assert_close(output.sequences_scores.view(batch, returned), reference["scores"], **SCORE_TOL)
+
+
+def beam_outputs(model, **inputs):
+    return model.generate(**inputs, return_dict_in_generate=True, output_scores=True)
 
 
 def question_inputs(inputs, image_key: str = "image") -> dict:
@@ -44,7 +70,7 @@ def check_vqa(model, folder: Path, ref_key: str | None = None, tol: dict = TOL) 
                 "loss_per_answer": ref["teacher_forced_loss_per_answer"],
             },
             "train": {"loss": ref["train_loss"]},
-            **{k: ref[k] for k in ("generate_greedy", "rank_answer")},
+            **{k: ref[k] for k in ("generate_greedy", "generate_beam", "rank_answer")},
             "encoders": ref["encoders"],
         }
     labels = inputs["answer_input_ids"].masked_fill(inputs["answer_attention_mask"] == 0, -100)
@@ -59,6 +85,9 @@ def check_vqa(model, folder: Path, ref_key: str | None = None, tol: dict = TOL) 
     torch.testing.assert_close(out.loss_per_sequence, ref["teacher_forced"]["loss_per_answer"], **tol)
     torch.testing.assert_close(out.loss, ref["train"]["loss"], **tol)
     assert_ids_equal(model.generate(**question_inputs(inputs), num_beams=1), ref["generate_greedy"]["ids"])
+    # the default decoding (no decoding arguments) is the original beam search: ids and scores
+    assert_beam_equal(beam_outputs(model, **question_inputs(inputs)), ref["generate_beam"])
+    assert_beam_equal(beam_outputs(model, **question_inputs(inputs), num_beams=1), ref["generate_greedy"])
     ranked = model.rank_answers(
         inputs["answer_list_input_ids"],
         inputs["answer_list_attention_mask"],
@@ -105,9 +134,23 @@ def check_caption(model, folder: Path) -> None:
     torch.testing.assert_close(out.logits, ref["teacher_forced"]["logits"], **TOL)
     torch.testing.assert_close(out.loss, ref["train"]["loss"], **TOL)
     assert_ids_equal(model.generate(pixel_values=inputs["image"], num_beams=1), ref["generate_greedy"]["ids"])
+    image = inputs["image"]
+    assert_beam_equal(beam_outputs(model, pixel_values=image), ref["generate_beam"])
+    assert_beam_equal(beam_outputs(model, pixel_values=image, num_beams=1), ref["generate_greedy"])
+    # the SCST path: all 5 hypotheses, best first, and their scores with gradients
+    scst = beam_outputs(model, pixel_values=image, num_return_sequences=ref["scst_beam"]["ids"].shape[1])
+    assert_beam_equal(scst, ref["scst_beam"])
+    returned = ref["scst_beam"]["ids"].shape[1]
+    scores = original_hypothesis_scores(
+        model, image.repeat_interleave(returned, 0), scst.sequences, scst.sequence_lengths, prompt_length=1
+    )
+    assert scores.requires_grad and ref["scst_beam"]["scores_require_grad"]
+    torch.testing.assert_close(scores.detach().view(-1, returned), ref["scst_beam"]["scores"], **SCORE_TOL)
 
 
-def check_videocap(model, folder: Path) -> None:
+def check_videocap(model, folder: Path, decoding_from_folder: bool = False) -> None:
+    """`decoding_from_folder`: the model's generation config holds the original's decoding (a converted folder:
+    10 beams, 15-25 tokens, the prompt); otherwise they are passed explicitly."""
     inputs, ref = load(folder)
     ids, mask = inputs["teacher_forced_input_ids"], inputs["teacher_forced_attention_mask"]
     labels = ids.masked_fill(mask == 0, -100)
@@ -126,6 +169,18 @@ def check_videocap(model, folder: Path) -> None:
         max_new_tokens=25,
     )
     assert_ids_equal(greedy, ref["generate_greedy"]["ids"])
+    video = inputs["video"]
+    if decoding_from_folder:
+        assert_beam_equal(beam_outputs(model, pixel_values=video), ref["generate_beam"])
+        assert_beam_equal(beam_outputs(model, pixel_values=video, num_beams=1), ref["generate_greedy"])
+    else:
+        explicit = dict(
+            input_ids=ref["prompt_ids_fed_to_generator"], num_beams=10, min_new_tokens=15, max_new_tokens=25
+        )
+        assert_beam_equal(beam_outputs(model, pixel_values=video, **explicit), ref["generate_beam"])
+        assert_beam_equal(
+            beam_outputs(model, pixel_values=video, **{**explicit, "num_beams": 1}), ref["generate_greedy"]
+        )
 
 
 def check_retrieval_evaluation(model, folder: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -82,7 +83,14 @@ CASES = [
     ),
     ("grounding_large", "grounding", "grounding_large/checkpoint.pth", "large", MPLUGForGrounding, check_grounding),
     ("videoqa_base", "vqa", "vqa_base/checkpoint.pth", "base", MPLUGForQuestionAnswering, check_videoqa),
-    ("videocap_large", "caption", "videocap_large/checkpoint.pth", "large", MPLUGForCaptioning, check_videocap),
+    (
+        "videocap_large",
+        "caption",
+        "videocap_large/checkpoint.pth",
+        "large",
+        MPLUGForCaptioning,
+        functools.partial(check_videocap, decoding_from_folder=True),
+    ),
 ]
 
 
@@ -110,6 +118,12 @@ def test_converted_folder_reproduces_the_original(tmp_path, fixture, task, check
         assert f"beam_size: {generation['num_beams']}" in task_config
         assert f"max_length: {generation['max_new_tokens']}" in task_config
         assert f"min_length: {generation['min_new_tokens']}" in task_config
+        assert generation["decoding_mode"] == "original" and "original mPLUG beam search" in card
+        if fixture == "videocap_large":
+            reference = load(require_reference(fixture))[1]
+            assert generation["decoder_prompt_ids"] == reference["prompt_ids_fed_to_generator"][0].tolist()
+        else:
+            assert "decoder_prompt_ids" not in generation
 
 
 def test_retrieval_training_losses_after_conversion(tmp_path):

@@ -83,7 +83,9 @@ def test_run_vqa_on_the_embedded_dataset(tmp_path):
     assert 0.0 <= metrics["eval_vqa_accuracy"] <= 1.0 and "prior_baseline_vqa_accuracy" in metrics
     assert (out / "training_curves.png").stat().st_size > 1000
     model = MPLUGForQuestionAnswering.from_pretrained(out)
-    assert model.generation_config.num_beams == 5
+    # saved with the decoding it was evaluated with: the original beam search, 1 beam, 5 new tokens at most
+    generation = model.generation_config
+    assert (generation.decoding_mode, generation.num_beams, generation.max_new_tokens) == ("original", 1, 5)
     assert result.stdout.count("Q: ") == 2  # answered through pipeline("visual-question-answering")
 
 
@@ -273,7 +275,7 @@ def test_run_vqa_under_two_process_deepspeed(tmp_path, deepspeed_launch, config,
     assert {t.dtype for t in load_file(consolidated / "model.safetensors").values()} == {torch.float32}
     for name, tensor in model.state_dict().items():  # the bf16 weights saved at the end of the same 3 steps
         torch.testing.assert_close(fp32.state_dict()[name].to(torch.bfloat16), tensor, atol=2e-2, rtol=2e-2, msg=name)
-    assert fp32.generation_config.num_beams == 5
+    assert (fp32.generation_config.decoding_mode, fp32.generation_config.num_beams) == ("original", 1)
     answer = pipeline("visual-question-answering", model=str(consolidated))(Image.new("RGB", (32, 32)), "how many?")
     assert isinstance(answer[0]["answer"], str)
 

@@ -221,6 +221,7 @@ def test_min_length_sampling_and_scores(qa_model):
     torch.manual_seed(0)
     sampled = qa_model.generate(
         **inputs,
+        decoding_mode="transformers",
         do_sample=True,
         num_beams=1,
         top_k=5,

@@ -63,7 +63,9 @@ def test_run_captioning_then_scst_from_the_saved_folder(tmp_path):
     metrics = json.loads((tmp_path / "xe" / "metrics.json").read_text())
     assert {"eval_BLEU_1", "eval_BLEU_4", "eval_CIDEr_D", "eval_loss"} <= set(metrics) and not metrics["scst"]
     model = MPLUGForCaptioning.from_pretrained(tmp_path / "xe")
-    assert model.generation_config.num_beams == 5 and (tmp_path / "xe" / "training_curves.png").exists()
+    # saved with the decoding it was evaluated with
+    assert (model.generation_config.decoding_mode, model.generation_config.num_beams) == ("original", 1)
+    assert (tmp_path / "xe" / "training_curves.png").exists()
     run(
         "run_captioning.py",
         tmp_path,
@@ -75,6 +77,8 @@ def test_run_captioning_then_scst_from_the_saved_folder(tmp_path):
         "3",
         "--max_new_tokens",
         "6",
+        "--min_new_tokens",
+        "1",
         "--eval_strategy",
         "no",
     )
@@ -170,7 +174,7 @@ def test_self_critical_loss_raises_the_reward():
     means = []
     for _ in range(6):
         loss, rewards = self_critical_loss(
-            model, pixel_values, [["a"], ["b"]], reward, decode, num_beams=4, max_new_tokens=5
+            model, pixel_values, [["a"], ["b"]], reward, decode, num_beams=4, max_new_tokens=5, min_new_tokens=1
         )
         assert rewards.shape == (2, 4)
         means.append(float(rewards.mean()))

@@ -14,6 +14,7 @@ from transformers import (
 )
 
 from .configuration_mplug import MPLUGConfig
+from .generation_mplug import DECODING_MODES, MPLUGBeamSearchOutput, gnmt_length_penalty, original_beam_search
 from .image_processing_mplug import MPLUGImageProcessor
 from .modeling_mplug import (
     MPLUGAnswerRankingOutput,
@@ -39,7 +40,7 @@ from .pipelines import (
     register_pipelines,
 )
 from .processing_mplug import MPLUGProcessor
-from .training import MPLUGMomentumCallback, self_critical_loss
+from .training import MPLUGMomentumCallback, original_hypothesis_scores, self_critical_loss
 from .video_utils import sample_frame_indices, sample_video_frames
 
 __version__ = "0.1.0"
@@ -87,6 +88,11 @@ __all__ = [
     "register_remote_code",
     "register_pipelines",
     "self_critical_loss",
+    "original_hypothesis_scores",
+    "original_beam_search",
+    "gnmt_length_penalty",
+    "DECODING_MODES",
+    "MPLUGBeamSearchOutput",
     "sample_frame_indices",
     "sample_video_frames",
     "MPLUGImageCaptioningPipeline",

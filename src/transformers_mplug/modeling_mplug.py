@@ -35,6 +35,7 @@ from transformers.models.clip.modeling_clip import CLIPEncoder, CLIPVisionEmbedd
 from transformers.utils import ModelOutput, logging
 
 from .configuration_mplug import CO_ATTENTION, MPLUGConfig
+from .generation_mplug import ORIGINAL, original_beam_search, resolve_decoding_mode, validate_decoding
 
 logger = logging.get_logger(__name__)
 
@@ -672,7 +673,9 @@ class MPLUGDecoderHeadMixin:
     def _decoding_config(
         config: MPLUGConfig, num_beams: int, min_new_tokens: int, max_new_tokens: int
     ) -> GenerationConfig:
+        """The original decoding (`decoding_mode="original"`: the original beam search) with these settings."""
         return GenerationConfig(
+            decoding_mode=ORIGINAL,
             num_beams=num_beams,
             max_new_tokens=max_new_tokens,
             min_new_tokens=min_new_tokens,
@@ -745,18 +748,35 @@ class MPLUGDecoderHeadMixin:
             if name in kwargs and name != "token_type_ids":
                 raise ValueError(f"`{name}` is computed by generate(); do not pass it.")
             kwargs.pop(name, None)
-        if prompt_ids is None:
-            prompt_ids = torch.full(
-                (memory.shape[0], 1), self.config.bos_token_id, dtype=torch.long, device=memory.device
-            )
+        if "custom_generate" in kwargs:
+            raise ValueError("`custom_generate` is set by `decoding_mode`; pass decoding_mode='transformers' instead.")
         generation_config = copy.deepcopy(
             generation_config if generation_config is not None else self.generation_config
         )
+        mode = resolve_decoding_mode(generation_config, kwargs)
+        if prompt_ids is None:
+            default_prompt = getattr(generation_config, "decoder_prompt_ids", None)
+            if default_prompt:
+                prompt_ids = self._check_prompt(torch.tensor([list(default_prompt)], device=memory.device))
+                prompt_ids = prompt_ids.expand(memory.shape[0], -1)
+            else:
+                prompt_ids = torch.full(
+                    (memory.shape[0], 1), self.config.bos_token_id, dtype=torch.long, device=memory.device
+                )
         model_kwargs = generation_config.update(**kwargs)
+        validate_decoding(
+            generation_config,
+            prompt_ids.shape[1],
+            self.text_decoder.config.max_position_embeddings,
+            mode,
+            model_kwargs,
+        )
         if generation_config.use_cache is not False and _CACHE_ARGUMENT not in model_kwargs:
             # the memory's keys/values are computed once per image and shared by its beams (see
             # MPLUGSharedMemoryCrossAttention); the self-attention part grows as tokens are generated
             model_kwargs[_CACHE_ARGUMENT] = self._memory_cache(memory)
+        if mode == ORIGINAL:
+            model_kwargs["custom_generate"] = original_beam_search
         return self.text_decoder.generate(
             input_ids=prompt_ids,
             attention_mask=torch.ones_like(prompt_ids),
@@ -765,6 +785,15 @@ class MPLUGDecoderHeadMixin:
             generation_config=generation_config,
             **model_kwargs,
         )
+
+    def _check_prompt(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if input_ids.dim() != 2 or input_ids.shape[1] < 1 or bool((input_ids[:, 0] != self.config.bos_token_id).any()):
+            raise ValueError(
+                "The decoder prompt (`input_ids`, or `decoder_prompt_ids` of the generation config) must be a "
+                f"(1 or batch, length) list/tensor of ids starting with `[CLS]` ({self.config.bos_token_id}), got "
+                f"{input_ids.tolist()}."
+            )
+        return input_ids
 
 
 class MPLUGForQuestionAnswering(MPLUGDecoderHeadMixin, MPLUGPreTrainedModel, GenerationMixin):

@@ -1,4 +1,5 @@
-"""Training utilities for the transformers `Trainer`: the momentum (EMA teacher) update of mPLUG pretraining."""
+"""Training utilities for the transformers `Trainer`: the momentum (EMA teacher) update of mPLUG pretraining and
+the original self-critical (SCST) loss."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from collections.abc import Callable, Sequence
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.utils import logging
+
+from .generation_mplug import gnmt_length_penalty
 
 logger = logging.get_logger(__name__)
 
@@ -58,6 +61,53 @@ class MPLUGMomentumCallback(TrainerCallback):
         self.updates += 1
 
 
+def original_hypothesis_scores(
+    model,
+    pixel_values: torch.Tensor,
+    sequences: torch.Tensor,
+    sequence_lengths: torch.Tensor,
+    prompt_length: int = 1,
+) -> torch.Tensor:
+    r"""
+    The scores the original beam search gives its hypotheses, with gradients: `sum(log p(token | prefix)) /
+    ((5 + n) / 6) ** 0.6` over the `n` tokens after the prompt, computed by one teacher-forced forward of `model` (so
+    that it runs through a DDP/DeepSpeed wrapper). Equal to the `sequences_scores` of `generate(...,
+    decoding_mode="original")` for the same model mode; the original self-critical training differentiates these.
+
+    Args:
+        model: the captioner (or its training wrapper).
+        pixel_values (`(num_sequences, C, H, W)`): the image of each hypothesis (repeat per hypothesis).
+        sequences (`(num_sequences, length)`), sequence_lengths (`(num_sequences,)`): `generate` output
+            (`return_dict_in_generate=True`: `.sequences`, `.sequence_lengths`).
+        prompt_length: ids before the generated tokens (1: `[CLS]`).
+    """
+    if sequences.dim() != 2 or sequence_lengths.shape != sequences.shape[:1]:
+        raise ValueError(
+            f"`sequences` must be (num_sequences, length) and `sequence_lengths` (num_sequences,), got "
+            f"{tuple(sequences.shape)} and {tuple(sequence_lengths.shape)}."
+        )
+    if pixel_values.shape[0] != sequences.shape[0]:
+        raise ValueError(
+            f"`pixel_values` has {pixel_values.shape[0]} images for {sequences.shape[0]} sequences; repeat each image "
+            "once per hypothesis (`pixel_values.repeat_interleave(num_return_sequences, 0)`)."
+        )
+    if int(sequence_lengths.min()) <= prompt_length:
+        raise ValueError(f"Every sequence must be longer than the prompt ({prompt_length} ids).")
+    config = getattr(model, "config", None) or model.module.config
+    positions = torch.arange(sequences.shape[1], device=sequences.device)
+    valid = positions[None, :] < sequence_lengths.to(sequences.device)[:, None]
+    labels = sequences.masked_fill(~valid, -100)
+    labels[:, :prompt_length] = -100
+    outputs = model(
+        pixel_values=pixel_values,
+        input_ids=sequences.masked_fill(~valid, config.pad_token_id),
+        attention_mask=valid.long(),
+        labels=labels,
+    )
+    generated = (sequence_lengths.to(sequences.device) - prompt_length).to(outputs.loss_per_sequence.dtype)
+    return -outputs.loss_per_sequence / gnmt_length_penalty(generated)
+
+
 def self_critical_loss(
     model,
     pixel_values: torch.Tensor,
@@ -65,23 +115,27 @@ def self_critical_loss(
     reward_fn: Callable[[list[str], list[list[str]]], Sequence[float]],
     decode_fn: Callable[[torch.Tensor], list[str]],
     num_beams: int = 5,
-    max_new_tokens: int = 25,
+    max_new_tokens: int | None = None,
     prompt_ids: torch.Tensor | None = None,
     forward_model=None,
+    min_new_tokens: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""
-    Self-critical sequence training loss for [`MPLUGForCaptioning`] (the original's SCST): each image's `num_beams`
-    beam hypotheses are rewarded (e.g. CIDEr-D, [`~transformers_mplug.metrics.CiderD.scores`]) against its
-    references; the advantage is the reward minus the mean reward of that image's beam, and
-    `loss = -mean(advantage * log p(hypothesis))` with the log-probability summed over the hypothesis tokens.
+    Self-critical sequence training loss for [`MPLUGForCaptioning`], as the original SCST: each image's `num_beams`
+    hypotheses of the original beam search (`decoding_mode="original"`) are rewarded (e.g. CIDEr-D,
+    [`~transformers_mplug.metrics.CiderD.scores`]) against its references; the advantage is the reward minus the
+    mean reward of that image's beam, and `loss = -mean(advantage * score / length)` with `score` the hypothesis's
+    beam score with gradients ([`original_hypothesis_scores`]) and `length` its number of ids.
 
     Args:
-        model: the captioner (unwrapped) used to generate the hypotheses, without gradients.
+        model: the captioner (unwrapped) used to search the hypotheses, in eval mode and without gradients.
         pixel_values (`(B, C, H, W)`): the images.
         references: the reference captions of each image.
         reward_fn: `(captions, references) -> rewards`, one caption/reference list per hypothesis.
         decode_fn: token ids (without the start token / prompt) -> strings, e.g. `processor.batch_decode`.
-        prompt_ids (`(B, P)`, *optional*): a prompt the captions continue (no log-probability on it).
+        num_beams: the beam size (= hypotheses per image).
+        max_new_tokens, min_new_tokens: default: the model's generation config (the original's 25 / 8).
+        prompt_ids (`(B, P)`, *optional*): a prompt the captions continue (no score on it).
         forward_model: the module to run the differentiable forward with (e.g. the DDP/DeepSpeed wrapper);
             default `model`.
 
@@ -89,35 +143,39 @@ def self_critical_loss(
     """
     if len(references) != pixel_values.shape[0]:
         raise ValueError(f"`references` has {len(references)} entries for {pixel_values.shape[0]} images.")
-    if num_beams < 2:
-        raise ValueError("`num_beams` must be >= 2: the baseline is the mean reward over the beam.")
+    if not isinstance(num_beams, int) or num_beams < 2:
+        raise ValueError("`num_beams` must be an int >= 2: the baseline is the mean reward over the beam.")
     forward_model = model if forward_model is None else forward_model
+    lengths = {
+        name: value
+        for name, value in (("max_new_tokens", max_new_tokens), ("min_new_tokens", min_new_tokens))
+        if value is not None
+    }
     was_training = forward_model.training
     forward_model.eval()
     with torch.no_grad():
-        sequences = model.generate(
+        output = model.generate(
             pixel_values=pixel_values,
             input_ids=prompt_ids,
+            decoding_mode="original",
             num_beams=num_beams,
             num_return_sequences=num_beams,
-            max_new_tokens=max_new_tokens,
-            min_new_tokens=1,
+            return_dict_in_generate=True,
+            **lengths,
         )
     forward_model.train(was_training)
+    sequences, sequence_lengths = output.sequences, output.sequence_lengths
     prompt_length = 1 if prompt_ids is None else prompt_ids.shape[1]
     captions = decode_fn(sequences[:, prompt_length:])
     expanded = [list(r) for r in references for _ in range(num_beams)]
     rewards = torch.tensor(list(reward_fn(captions, expanded)), dtype=torch.float32, device=sequences.device)
     rewards = rewards.view(-1, num_beams)
     advantage = (rewards - rewards.mean(dim=1, keepdim=True)).view(-1)
-    eos, pad = model.config.eos_token_id, model.config.pad_token_id
-    is_eos = (sequences == eos).long()
-    after_eos = (is_eos.cumsum(1) - is_eos) > 0  # beam padding after the first [SEP]
-    labels = sequences.masked_fill(after_eos | (sequences == pad), -100)
-    labels[:, :prompt_length] = -100
-    outputs = forward_model(pixel_values=pixel_values.repeat_interleave(num_beams, dim=0), labels=labels)
-    log_probability = -outputs.loss_per_sequence
-    return -(advantage * log_probability).mean(), rewards
+    scores = original_hypothesis_scores(
+        forward_model, pixel_values.repeat_interleave(num_beams, dim=0), sequences, sequence_lengths, prompt_length
+    )
+    loss = -(scores / sequence_lengths.to(scores.dtype) * advantage).mean()
+    return loss, rewards
 
 
-__all__ = ["MPLUGMomentumCallback", "self_critical_loss"]
+__all__ = ["MPLUGMomentumCallback", "original_hypothesis_scores", "self_critical_loss"]
