@@ -4,7 +4,9 @@
 Sections (random weights; medians of `--repeats` runs after a warm-up; everything measured in this one run):
 
 1. VQA `generate` (5 beams, 10 new tokens forced) at base size: ours vs transformers' `BlipForQuestionAnswering` at
-   the same widths/depths, batch 1 and `--batch_size`; ours with the KV cache off; eager vs SDPA; fp32 vs bf16.
+   the same widths/depths, batch 1 and `--batch_size`; ours with the KV cache off; eager vs SDPA; fp32 vs bf16
+   (both run transformers' beam search). 1b: the original mPLUG beam search (`decoding_mode="original"`) against
+   transformers' beam search on the same model, batch 1 and `--batch_size`.
 2. `rank_answers` (k = 16, 128) over `--num_candidates` candidate answers, against one beam-5 `generate`.
 3. Trunk forward for different cross-modal schedules (all connected, all co-attention, skip-connected S = 1..6):
    time and FLOPs.
@@ -15,6 +17,7 @@ Sections (random weights; medians of `--repeats` runs after a warm-up; everythin
 
     python benchmarks/benchmark_mplug.py                 # base size, about 10 minutes on 2 CPU cores
     python benchmarks/benchmark_mplug.py --size tiny     # a seconds-long smoke run of every section
+    python benchmarks/benchmark_mplug.py --sections decoding   # only section 1b
 """
 
 from __future__ import annotations
@@ -114,6 +117,8 @@ def question(batch_size: int, size: dict, vocab: int = 30522):
 
 
 FORCED = dict(num_beams=5, min_new_tokens=10, max_new_tokens=10)
+# section 1 compares with BLIP, whose generate runs transformers' beam search: ours runs the same algorithm there
+TRANSFORMERS_BEAM = dict(FORCED, decoding_mode="transformers")
 
 
 @torch.no_grad()
@@ -129,7 +134,7 @@ def bench_generate(size: dict, args) -> list[dict]:
         blip_time = timed(lambda b=blip, x=inputs: b.generate(**x, **FORCED), args.repeats)
         rows.append({"model": "BLIP (transformers)", "batch": batch_size, "dtype": "fp32", "seconds": blip_time})
         for attn, model in models.items():
-            ours = timed(lambda m=model, x=inputs: m.generate(**x, **FORCED), args.repeats)
+            ours = timed(lambda m=model, x=inputs: m.generate(**x, **TRANSFORMERS_BEAM), args.repeats)
             rows.append(
                 {
                     "model": f"mPLUG {attn}",
@@ -141,7 +146,7 @@ def bench_generate(size: dict, args) -> list[dict]:
             )
         model = models["sdpa"]
         no_cache = timed(
-            lambda m=model, x=inputs: m.generate(**x, **FORCED, use_cache=False), max(1, args.repeats // 2)
+            lambda m=model, x=inputs: m.generate(**x, **TRANSFORMERS_BEAM, use_cache=False), max(1, args.repeats // 2)
         )
         rows.append(
             {
@@ -157,7 +162,7 @@ def bench_generate(size: dict, args) -> list[dict]:
             blip_bf16 = blip.to(torch.bfloat16)
             bf16_inputs = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in inputs.items()}
             blip_b = timed(lambda b=blip_bf16, x=bf16_inputs: b.generate(**x, **FORCED), args.repeats)
-            ours_b = timed(lambda m=model_bf16, x=bf16_inputs: m.generate(**x, **FORCED), args.repeats)
+            ours_b = timed(lambda m=model_bf16, x=bf16_inputs: m.generate(**x, **TRANSFORMERS_BEAM), args.repeats)
             rows.append({"model": "BLIP (transformers)", "batch": batch_size, "dtype": "bf16", "seconds": blip_b})
             rows.append(
                 {
@@ -169,6 +174,48 @@ def bench_generate(size: dict, args) -> list[dict]:
                 }
             )
             models["sdpa"], blip = model_bf16.float(), blip_bf16.float()
+    return rows
+
+
+@torch.no_grad()
+def bench_decoding(size: dict, args) -> list[dict]:
+    """The original beam search (`decoding_mode="original"`, the default of converted folders) against transformers'
+    beam search on the same model, 5 beams, 10 new tokens forced (the same number of decoder steps for both): the
+    whole `generate`, and with the image features given (`image_embeds`), where the decoding is most of the time."""
+    torch.manual_seed(0)
+    model = MPLUGForQuestionAnswering(mplug_config(size)).eval()
+    rows = []
+    for batch_size in (1, args.batch_size):
+        inputs = question(batch_size, size)
+        image_embeds = model.mplug.encode_image(inputs["pixel_values"])[1]
+        calls = {
+            "generate": inputs,
+            "generate, image_embeds given": {
+                "image_embeds": image_embeds,
+                "input_ids": inputs["input_ids"],
+                "attention_mask": inputs["attention_mask"],
+            },
+        }
+        for call, call_inputs in calls.items():
+            # the two modes alternate call by call, so that a slow moment of the machine hits both
+            samples: dict[str, list[float]] = {"transformers": [], "original": []}
+            for repeat in range(args.repeats + 1):
+                for mode in samples:
+                    start = time.perf_counter()
+                    model.generate(**call_inputs, **FORCED, decoding_mode=mode)
+                    if repeat:  # the first round is the warm-up
+                        samples[mode].append(time.perf_counter() - start)
+            times = {mode: statistics.median(values) for mode, values in samples.items()}
+            for mode, seconds in times.items():
+                rows.append(
+                    {
+                        "call": call,
+                        "decoding_mode": mode,
+                        "batch": batch_size,
+                        "seconds": seconds,
+                        "vs_transformers": seconds / times["transformers"],
+                    }
+                )
     return rows
 
 
@@ -384,6 +431,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--galleries", type=int, nargs="+", default=[100, 500, 1000, 2500, 5000])
     parser.add_argument("--no_bf16", dest="bf16", action="store_false")
     parser.add_argument("--output_dir", default="outputs/benchmarks")
+    parser.add_argument("--sections", nargs="+", help="run only these sections (e.g. decoding); default: all")
     args = parser.parse_args(argv)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -391,22 +439,32 @@ def main(argv: list[str] | None = None) -> dict:
     results = {"size": args.size, "threads": torch.get_num_threads(), "torch": torch.__version__}
     sections = [
         ("generate", "1. VQA generate, 5 beams, 10 new tokens", lambda: bench_generate(size, args)),
+        ("decoding", "1b. Original beam search vs transformers' beam search", lambda: bench_decoding(size, args)),
         ("rank", "2. Closed-vocabulary ranking vs one beam-5 generate", lambda: bench_rank(size, args)),
         ("schedules", "3. Trunk forward by cross-modal schedule", lambda: bench_schedules(size, args)),
         ("training", "4. VQA training step", lambda: bench_training(args)),
         ("retrieval", f"5. Corpus retrieval ({args.retrieval_size} size)", lambda: bench_retrieval(args)),
     ]
+    if args.sections:
+        unknown = sorted(set(args.sections) - {key for key, _, _ in sections} - {"parameters"})
+        if unknown:
+            parser.error(f"unknown --sections {unknown}; choose from {[k for k, _, _ in sections] + ['parameters']}")
+        sections = [section for section in sections if section[0] in args.sections]
     started = time.perf_counter()
     for key, title, run in sections:
         section_start = time.perf_counter()
         results[key] = run()
         print(f"\n### {title} ({time.perf_counter() - section_start:.0f} s)\n\n{table(results[key])}", flush=True)
-    results["parameters"] = bench_parameters(args)
-    print(f"\n### 6. Parameters of a {args.size} VQA model\n\n{table([results['parameters']])}")
+    if not args.sections or "parameters" in args.sections:
+        results["parameters"] = bench_parameters(args)
+        print(f"\n### 6. Parameters of a {args.size} VQA model\n\n{table([results['parameters']])}")
     results["total_seconds"] = time.perf_counter() - started
     (output_dir / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
-    plot(results, output_dir / "results.png")
-    print(f"\nwrote {output_dir / 'results.json'} and {output_dir / 'results.png'} in {results['total_seconds']:.0f} s")
+    written = [output_dir / "results.json"]
+    if all(key in results for key in ("generate", "schedules", "retrieval")):
+        plot(results, output_dir / "results.png")
+        written.append(output_dir / "results.png")
+    print(f"\nwrote {' and '.join(map(str, written))} in {results['total_seconds']:.0f} s")
     return results
 
 

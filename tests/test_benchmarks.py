@@ -42,6 +42,13 @@ def test_benchmark_script_writes_every_section(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     models = {row["model"] for row in results["generate"]}
     assert {"BLIP (transformers)", "mPLUG sdpa", "mPLUG eager", "mPLUG sdpa, no KV cache"} <= models
+    decoding = [(row["call"], row["decoding_mode"], row["batch"]) for row in results["decoding"]]
+    assert decoding == [
+        (call, mode, batch)
+        for batch in (1, 2)
+        for call in ("generate", "generate, image_embeds given")
+        for mode in ("transformers", "original")
+    ]
     assert [row["call"].split()[0] for row in results["rank"]] == ["generate", "rank_answers", "rank_answers"]
     assert [row["layers"] for row in results["schedules"]][:2] == ["cC", "cc"]
     assert all(row["gflops"] > 0 for row in results["schedules"])
