@@ -47,11 +47,17 @@ def _is_torch_tensor(obj: Any) -> bool:
     return isinstance(obj, torch.Tensor)
 
 
-def to_pil_image(image: Any, argument: str = "images") -> PIL.Image.Image:
-    """Convert one PIL image, NumPy array or tensor (HWC or CHW; uint8, or float in [0, 1]) to an RGB PIL image."""
+def to_pil_image(image: Any, argument: str = "images", bits: int | None = None) -> PIL.Image.Image:
+    """Convert one PIL image, NumPy array or tensor (HWC or CHW; uint8 or other integers in [0, 255], uint16 /
+    16-bit PIL images in [0, 65535], float in [0, 1]) to an RGB PIL image; anything else is refused (bool masks,
+    out-of-range values) rather than clipped."""
     if isinstance(image, PIL.Image.Image):
         if image.width == 0 or image.height == 0:
             raise ValueError(f"`{argument}` contains an image of size {image.size}; width and height must be > 0.")
+        if image.mode.startswith("I"):  # 16-bit greyscale ("I;16", "I;16B", ...; PNG 16-bit loads as "I")
+            return to_pil_image(np.asarray(image).astype(np.int64), argument, bits=16)
+        if image.mode == "F":  # 32-bit float greyscale: values in [0, 1], as float arrays
+            return to_pil_image(np.asarray(image, dtype=np.float32), argument)
         return image.convert("RGB") if image.mode != "RGB" else image
     if _is_torch_tensor(image):
         image = image.detach().cpu().numpy()
@@ -69,14 +75,33 @@ def to_pil_image(image: Any, argument: str = "images") -> PIL.Image.Image:
         raise ValueError(f"`{argument}` contains an image of shape {image.shape}; width and height must be > 0.")
     if image.shape[-1] not in (1, 3, 4):
         raise ValueError(f"`{argument}` arrays must have 1, 3 or 4 channels, got shape {image.shape}.")
+    if image.dtype == np.bool_:
+        raise TypeError(
+            f"`{argument}` holds a bool array (a mask, not an image); pass `mask.astype(np.uint8) * 255` to use it."
+        )
     if np.issubdtype(image.dtype, np.floating):
+        if image.size and not np.isfinite(image).all():
+            raise ValueError(f"`{argument}` contains NaN or inf values.")
         if image.size and (image.min() < 0.0 or image.max() > 1.0):
             raise ValueError(
                 f"`{argument}` float arrays must hold values in [0, 1] (got range [{image.min():.3g}, {image.max():.3g}]); "
                 "pass uint8 pixels or rescale first."
             )
         image = np.round(image * 255.0)
-    image = np.clip(image, 0, 255).astype(np.uint8)
+    elif np.issubdtype(image.dtype, np.integer):
+        if bits is None:
+            bits = 16 if image.dtype == np.uint16 else 8
+        top = (1 << bits) - 1
+        if image.size and (image.min() < 0 or image.max() > top):
+            raise ValueError(
+                f"`{argument}` {bits}-bit integer pixels must be in [0, {top}] (got range [{image.min()}, {image.max()}]); "
+                "pass uint8 (0-255), uint16 (0-65535) or floats in [0, 1]."
+            )
+        if bits != 8:
+            image = np.round(image.astype(np.float64) * (255.0 / top))
+    else:
+        raise TypeError(f"`{argument}` arrays must hold integer or float pixels, got dtype {image.dtype}.")
+    image = image.astype(np.uint8)
     if image.shape[-1] == 1:
         image = np.repeat(image, 3, axis=-1)
     return PIL.Image.fromarray(image[..., :3])

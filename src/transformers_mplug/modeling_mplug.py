@@ -75,6 +75,34 @@ class MPLUGModelOutput(ModelOutput):
     vision_last_hidden_state: torch.FloatTensor | None = None
 
 
+def _check_ids(ids: torch.Tensor, name: str, vocab_size: int, ignore_index: int | None = None) -> None:
+    """Token ids must be integers in `[0, vocab_size)` (`ignore_index` entries of labels aside)."""
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor of token ids, got {type(ids).__name__}.")
+    if ids.is_floating_point() or ids.dtype == torch.bool:
+        raise TypeError(f"`{name}` must hold integer token ids, got dtype {ids.dtype}.")
+    values = ids if ignore_index is None else ids[ids != ignore_index]
+    if values.numel() and (int(values.min()) < 0 or int(values.max()) >= vocab_size):
+        raise ValueError(
+            f"`{name}` holds ids outside [0, {vocab_size}) (min {int(values.min())}, max {int(values.max())}): the "
+            f"model's vocabulary has {vocab_size} tokens. Encode the text with this model's processor/tokenizer."
+        )
+
+
+def _text_attention_mask(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None, pad_token_id: int, name: str = "input_ids"
+) -> torch.Tensor:
+    """The given mask (checked against the ids' shape), or one derived from the padding (`[PAD]` = 0)."""
+    if attention_mask is None:
+        return (input_ids != pad_token_id).long()
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+        shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask)
+        raise ValueError(
+            f"`attention_mask` has shape {shape}; it must equal the shape of `{name}` {tuple(input_ids.shape)}."
+        )
+    return attention_mask
+
+
 class MPLUGVisionTransformer(nn.Module):
     """OpenAI CLIP ViT built from transformers' CLIP modules, with `post_layernorm` applied to every token.
 
@@ -406,6 +434,11 @@ class MPLUGModel(MPLUGPreTrainedModel):
             raise ValueError(
                 f"`pixel_values` must have {num_channels} channels in dimension -3, got shape {tuple(pixel_values.shape)}."
             )
+        if not bool(torch.isfinite(pixel_values).all()):
+            raise ValueError(
+                "`pixel_values` contains NaN or inf; check the images and their preprocessing (the processor's output "
+                "is always finite)."
+            )
         batch_size = pixel_values.shape[0]
         frames = pixel_values.flatten(0, 1) if pixel_values.dim() == 5 else pixel_values
         vision_states = self.vision_model(frames, interpolate_pos_encoding=interpolate_pos_encoding)
@@ -418,6 +451,10 @@ class MPLUGModel(MPLUGPreTrainedModel):
         """Run the BERT text encoder; returns its last hidden state `(B, L, hidden_size)`."""
         if self.text_model is None:
             raise ValueError("This trunk was built with `vision_only=True`: it has no text encoder.")
+        _check_ids(input_ids, "input_ids", self.config.text_config.vocab_size)
+        if input_ids.dim() != 2:
+            raise ValueError(f"`input_ids` must have shape (batch, length), got {tuple(input_ids.shape)}.")
+        attention_mask = _text_attention_mask(input_ids, attention_mask, self.config.pad_token_id)
         return self.text_model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).last_hidden_state
 
     def forward(
@@ -452,12 +489,8 @@ class MPLUGModel(MPLUGPreTrainedModel):
             raise ValueError("`input_ids` is required: pass the processor's text ids.")
         if input_ids.dim() != 2:
             raise ValueError(f"`input_ids` must have shape (batch, length), got {tuple(input_ids.shape)}.")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        elif attention_mask.shape != input_ids.shape:
-            raise ValueError(
-                f"`attention_mask` shape {tuple(attention_mask.shape)} must equal `input_ids` shape {tuple(input_ids.shape)}."
-            )
+        _check_ids(input_ids, "input_ids", self.config.text_config.vocab_size)
+        attention_mask = _text_attention_mask(input_ids, attention_mask, self.config.pad_token_id)
 
         vision_states = None
         if image_embeds is None:
@@ -632,8 +665,15 @@ def _decoder_inputs(
     attention_mask: torch.Tensor | None,
     pad_token_id: int,
     names: tuple[str, str] = ("decoder_input_ids", "decoder_attention_mask"),
+    vocab_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Decoder ids/mask from explicit ids or from `labels` (-100 = padding); labels from ids when absent."""
+    """Decoder ids/mask from explicit ids or from `labels` (-100 = padding); labels from ids when absent; ids
+    checked against `vocab_size`."""
+    if vocab_size is not None:
+        if labels is not None:
+            _check_ids(labels, "labels", vocab_size, ignore_index=-100)
+        if input_ids is not None:
+            _check_ids(input_ids, names[0], vocab_size)
     if input_ids is None:
         if labels is None:
             raise ValueError(f"Pass `labels` (targets from the processor's `text_target`) or `{names[0]}`.")
@@ -643,7 +683,8 @@ def _decoder_inputs(
     if input_ids.dim() != 2:
         raise ValueError(f"`{names[0]}` must have shape (num_sequences, length), got {tuple(input_ids.shape)}.")
     if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
+        attention_mask = (input_ids != pad_token_id).long()
+        attention_mask[:, 0] = 1
     if attention_mask.shape != input_ids.shape:
         raise ValueError(f"`{names[1]}` must have the shape of `{names[0]}` {tuple(input_ids.shape)}.")
     if labels is not None and labels.shape != input_ids.shape:
@@ -777,7 +818,7 @@ class MPLUGDecoderHeadMixin:
             model_kwargs[_CACHE_ARGUMENT] = self._memory_cache(memory)
         if mode == ORIGINAL:
             model_kwargs["custom_generate"] = original_beam_search
-        return self.text_decoder.generate(
+        output = self.text_decoder.generate(
             input_ids=prompt_ids,
             attention_mask=torch.ones_like(prompt_ids),
             encoder_hidden_states=memory,
@@ -785,6 +826,15 @@ class MPLUGDecoderHeadMixin:
             generation_config=generation_config,
             **model_kwargs,
         )
+        if mode != ORIGINAL:
+            # transformers' beam search fills finished sequences with `[SEP]` when the pad id is 0 (falsy); pad with
+            # `[PAD]` after the first generated `[SEP]`, as greedy decoding and the original mode do
+            sequences = output if isinstance(output, torch.Tensor) else output.sequences
+            generated = sequences[:, prompt_ids.shape[1] :]
+            is_eos = generated == self.config.eos_token_id
+            after_eos = (is_eos.cumsum(dim=1) - is_eos.long()) > 0
+            generated.masked_fill_(after_eos, self.config.pad_token_id)
+        return output
 
     def _check_prompt(self, input_ids: torch.Tensor) -> torch.Tensor:
         if input_ids.dim() != 2 or input_ids.shape[1] < 1 or bool((input_ids[:, 0] != self.config.bos_token_id).any()):
@@ -909,7 +959,11 @@ class MPLUGForQuestionAnswering(MPLUGDecoderHeadMixin, MPLUGPreTrainedModel, Gen
                 "`rank_answers()`."
             )
         decoder_input_ids, decoder_attention_mask, labels = _decoder_inputs(
-            labels, decoder_input_ids, decoder_attention_mask, self.config.pad_token_id
+            labels,
+            decoder_input_ids,
+            decoder_attention_mask,
+            self.config.pad_token_id,
+            vocab_size=self.config.vocab_size,
         )
         memory, memory_mask = self._fused_memory(pixel_values, input_ids, attention_mask, image_embeds)
         batch_size, num_answers = memory.shape[0], decoder_input_ids.shape[0]
@@ -980,8 +1034,12 @@ class MPLUGForQuestionAnswering(MPLUGDecoderHeadMixin, MPLUGPreTrainedModel, Gen
         """
         if not isinstance(candidate_input_ids, torch.Tensor) or candidate_input_ids.dim() != 2:
             raise ValueError("`candidate_input_ids` must be a (num_candidates, length) tensor of answer ids.")
-        if candidate_input_ids.shape[1] < 2:
-            raise ValueError("`candidate_input_ids` rows must hold `[CLS]` and at least one answer token.")
+        if candidate_input_ids.shape[0] == 0 or candidate_input_ids.shape[1] < 2:
+            raise ValueError(
+                "`candidate_input_ids` must hold at least one candidate, each `[CLS]` and at least one answer token; "
+                f"got shape {tuple(candidate_input_ids.shape)}."
+            )
+        _check_ids(candidate_input_ids, "candidate_input_ids", self.config.vocab_size)
         if candidate_attention_mask is None:
             candidate_attention_mask = (candidate_input_ids != self.config.pad_token_id).long()
             candidate_attention_mask[:, 0] = 1
@@ -1102,7 +1160,12 @@ class MPLUGForCaptioning(MPLUGDecoderHeadMixin, MPLUGPreTrainedModel, Generation
             raise TypeError(f"{type(self).__name__}.forward() got unexpected keyword argument(s) {sorted(kwargs)}.")
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         input_ids, attention_mask, labels = _decoder_inputs(
-            labels, input_ids, attention_mask, self.config.pad_token_id, ("input_ids", "attention_mask")
+            labels,
+            input_ids,
+            attention_mask,
+            self.config.pad_token_id,
+            ("input_ids", "attention_mask"),
+            vocab_size=self.config.vocab_size,
         )
         memory, memory_mask = self._memory(pixel_values, image_embeds)
         if memory.shape[0] != input_ids.shape[0]:
@@ -1462,8 +1525,7 @@ class MPLUGForRetrieval(MPLUGPreTrainedModel):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if input_ids is None:
             raise ValueError("`input_ids` (the captions from the processor) is required.")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+        attention_mask = _text_attention_mask(input_ids, attention_mask, self.config.pad_token_id)
         image_embeds = self._image_embeds(pixel_values, image_embeds)
         if image_embeds.shape[0] != input_ids.shape[0]:
             raise ValueError(f"Batch size mismatch: {image_embeds.shape[0]} images but {input_ids.shape[0]} texts.")
@@ -1535,8 +1597,7 @@ class MPLUGForRetrieval(MPLUGPreTrainedModel):
             raise ValueError(f"`k` must be a positive int, got {k!r}.")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}.")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+        attention_mask = _text_attention_mask(input_ids, attention_mask, self.config.pad_token_id)
         num_frames = None
         if image_embeds is None:
             if pixel_values is None:
@@ -2002,8 +2063,7 @@ class MPLUGForVisualReasoning(MPLUGPreTrainedModel):
             )
         if input_ids is None:
             raise ValueError("`input_ids` (the sentences) is required.")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+        attention_mask = _text_attention_mask(input_ids, attention_mask, self.config.pad_token_id)
         if pixel_values.shape[0] != input_ids.shape[0]:
             raise ValueError(f"Batch size mismatch: {pixel_values.shape[0]} image pairs, {input_ids.shape[0]} texts.")
         batch_size = pixel_values.shape[0]
@@ -2277,8 +2337,7 @@ class MPLUGForPreTraining(MPLUGForRetrieval):
             raise ValueError("`pixel_values` (the images) is required.")
         if input_ids is None:
             raise ValueError("`input_ids` (the captions from the processor) is required.")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+        attention_mask = _text_attention_mask(input_ids, attention_mask, self.config.pad_token_id)
         batch_size = input_ids.shape[0]
         if pixel_values.shape[0] != batch_size:
             raise ValueError(f"Batch size mismatch: {pixel_values.shape[0]} images but {batch_size} captions.")
@@ -2356,7 +2415,12 @@ class MPLUGForPreTraining(MPLUGForRetrieval):
             memory = torch.cat([fused_image, fused_prefix], dim=1)
             memory_mask = torch.cat([prefix_attention_mask.new_ones(fused_image.shape[:2]), prefix_attention_mask], 1)
             decoder_ids, decoder_mask, labels = _decoder_inputs(
-                prefix_lm_labels, None, None, self.config.pad_token_id, ("prefix_lm_labels", "prefix_lm_labels")
+                prefix_lm_labels,
+                None,
+                None,
+                self.config.pad_token_id,
+                ("prefix_lm_labels", "prefix_lm_labels"),
+                vocab_size=self.config.vocab_size,
             )
             logits = self.text_decoder(
                 input_ids=decoder_ids,

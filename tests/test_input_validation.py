@@ -1,0 +1,148 @@
+"""Bad input gives a clear error or the right result, never a silently wrong one (images, ids, masks, decoding)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from transformers_mplug import MPLUGForCaptioning, MPLUGForQuestionAnswering, MPLUGForRetrieval, MPLUGImageProcessor
+
+from .conftest import tiny_config, tiny_inputs
+
+EOS = 102 % 128
+
+
+@pytest.fixture(scope="module")
+def qa_model():
+    torch.manual_seed(0)
+    model = MPLUGForQuestionAnswering(tiny_config()).eval()
+    with torch.no_grad():
+        model.text_decoder.cls.predictions.bias[EOS] += 2.5
+    return model
+
+
+# ------------------------------------------------------------------------------------------------ images
+@pytest.fixture(scope="module")
+def image_processor():
+    return MPLUGImageProcessor(size={"height": 32, "width": 32})
+
+
+def _pixels(processor, image):
+    return processor(image, return_tensors="pt")["pixel_values"]
+
+
+def test_16_bit_images_equal_their_8_bit_version(image_processor):
+    rgb8 = np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)
+    rgb16 = rgb8.astype(np.uint16) * 257  # the same intensities on 16 bits
+    expected = _pixels(image_processor, rgb8)
+    torch.testing.assert_close(_pixels(image_processor, rgb16), expected, atol=1 / 255, rtol=0)
+    grey8 = rgb8[..., 0]
+    grey16 = Image.fromarray(grey8.astype(np.uint16) * 257)  # PIL "I;16"
+    assert grey16.mode.startswith("I")
+    torch.testing.assert_close(_pixels(image_processor, grey16), _pixels(image_processor, grey8), atol=1 / 255, rtol=0)
+    as_int32 = Image.fromarray(grey8.astype(np.int32) * 257)  # PIL "I" (how 16-bit PNGs load)
+    torch.testing.assert_close(
+        _pixels(image_processor, as_int32), _pixels(image_processor, grey8), atol=1 / 255, rtol=0
+    )
+
+
+def test_float_images_are_read_in_0_1(image_processor):
+    grey8 = np.random.default_rng(1).integers(0, 256, (16, 16), dtype=np.uint8)
+    as_float = Image.fromarray(grey8.astype(np.float32) / 255.0)  # PIL "F"
+    assert as_float.mode == "F"
+    torch.testing.assert_close(_pixels(image_processor, as_float), _pixels(image_processor, grey8), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        image_processor(Image.fromarray(grey8.astype(np.float32)))  # 0..255 floats: not silently black/white
+
+
+@pytest.mark.parametrize(
+    ("image", "error", "match"),
+    [
+        (np.ones((8, 8), dtype=bool), TypeError, "bool"),
+        (np.full((8, 8, 3), 300, dtype=np.int64), ValueError, r"\[0, 255\]"),
+        (np.full((8, 8, 3), -1, dtype=np.int16), ValueError, r"\[0, 255\]"),
+        (np.full((8, 8, 3), np.nan, dtype=np.float32), ValueError, "NaN"),
+    ],
+)
+def test_images_that_cannot_be_read_are_refused(image_processor, image, error, match):
+    with pytest.raises(error, match=match):
+        image_processor(image)
+
+
+def test_non_finite_pixel_values_raise(qa_model):
+    inputs = tiny_inputs(qa_model.config)
+    inputs["pixel_values"][0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="pixel_values.*NaN"):
+        qa_model.generate(**inputs)
+    inputs["pixel_values"][0, 0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match="pixel_values.*NaN or inf"):
+        qa_model(**inputs, labels=torch.tensor([[101 % 128, 5, EOS]] * 3))
+
+
+# ------------------------------------------------------------------------------------------------ ids and masks
+def test_ids_outside_the_vocabulary_raise_naming_the_argument(qa_model):
+    inputs = tiny_inputs(qa_model.config)
+    vocab = qa_model.config.vocab_size
+    bad = dict(inputs, input_ids=inputs["input_ids"].clone())
+    bad["input_ids"][0, 1] = vocab
+    with pytest.raises(ValueError, match=rf"`input_ids` holds ids outside \[0, {vocab}\)"):
+        qa_model.generate(**bad)
+    labels = torch.tensor([[101 % 128, vocab + 5, EOS], [101 % 128, 5, -100], [101 % 128, 6, EOS]])
+    with pytest.raises(ValueError, match="`labels`"):
+        qa_model(**inputs, labels=labels)
+    with pytest.raises(ValueError, match="`candidate_input_ids`"):
+        qa_model.rank_answers(torch.tensor([[101 % 128, -3, EOS]]), **inputs)
+    with pytest.raises(ValueError, match="at least one candidate"):
+        qa_model.rank_answers(torch.zeros(0, 3, dtype=torch.long), **inputs)
+    with pytest.raises(TypeError, match="integer token ids"):
+        qa_model.generate(**dict(inputs, input_ids=inputs["input_ids"].float()))
+
+
+def test_padded_ids_without_a_mask_use_the_padding(qa_model):
+    inputs = tiny_inputs(qa_model.config, padded=True)
+    assert (inputs["input_ids"] == qa_model.config.pad_token_id).any()
+    with_mask = qa_model.generate(**inputs, return_dict_in_generate=True, output_scores=True)
+    del inputs["attention_mask"]
+    without = qa_model.generate(**inputs, return_dict_in_generate=True, output_scores=True)
+    assert torch.equal(with_mask.sequences, without.sequences)
+    torch.testing.assert_close(with_mask.sequences_scores, without.sequences_scores)
+
+
+def test_text_features_refuse_a_mask_of_the_wrong_shape():
+    model = MPLUGForRetrieval(tiny_config()).eval()
+    inputs = tiny_inputs(model.config)
+    with pytest.raises(ValueError, match="`attention_mask` has shape"):
+        model.get_text_features(inputs["input_ids"], inputs["attention_mask"][:, :-1])
+    # without a mask the padding is masked: the same features as with the processor's mask
+    torch.testing.assert_close(
+        model.get_text_features(inputs["input_ids"]),
+        model.get_text_features(inputs["input_ids"], inputs["attention_mask"]),
+    )
+
+
+# ------------------------------------------------------------------------------------------------ decoding
+def test_one_pad_id_for_every_decoding(qa_model):
+    inputs = tiny_inputs(qa_model.config)
+    pad = qa_model.config.pad_token_id
+    for kwargs in (
+        dict(decoding_mode="transformers", num_beams=4),
+        dict(decoding_mode="transformers", num_beams=1),
+        dict(num_beams=4),
+        dict(num_beams=1),
+    ):
+        out = qa_model.generate(**inputs, max_new_tokens=8, **kwargs)
+        for row in out[:, 1:].tolist():
+            if EOS in row and kwargs.get("decoding_mode") == "transformers":
+                assert all(t == pad for t in row[row.index(EOS) + 1 :]), kwargs
+    # the original mode pads after each returned hypothesis's own length
+    original = qa_model.generate(**inputs, max_new_tokens=8, return_dict_in_generate=True)
+    for row, length in zip(original.sequences.tolist(), original.sequence_lengths.tolist()):
+        assert all(t == pad for t in row[length:])
+
+
+def test_captioner_validates_ids_too():
+    model = MPLUGForCaptioning(tiny_config()).eval()
+    with pytest.raises(ValueError, match="`labels`"):
+        model(pixel_values=torch.randn(1, 3, 32, 32), labels=torch.tensor([[101 % 128, 999, EOS]]))
