@@ -547,7 +547,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Mapped {len(mapping.state_dict)} tensors into {type(model).__name__}.")
     for reason, keys in sorted(mapping.dropped.items()):
         print(f"Dropped {len(keys)} keys: {reason}")
-    processor = MPLUGProcessor.from_vocab_file(args.vocab_path, image_size=model.config.vision_config.image_size)
+    processor = MPLUGProcessor.from_vocab_file(
+        args.vocab_path,
+        image_size=model.config.vision_config.image_size,
+        model_max_length=model.config.text_config.max_position_embeddings,
+    )
     if len(processor.tokenizer) != model.config.vocab_size:
         print(
             f"error: `vocab_path` has {len(processor.tokenizer)} tokens, the model {model.config.vocab_size}",

@@ -146,3 +146,31 @@ def test_captioner_validates_ids_too():
     model = MPLUGForCaptioning(tiny_config()).eval()
     with pytest.raises(ValueError, match="`labels`"):
         model(pixel_values=torch.randn(1, 3, 32, 32), labels=torch.tensor([[101 % 128, 999, EOS]]))
+
+
+# ------------------------------------------------------------------------------------------------ long texts
+def test_long_questions_are_truncated_at_the_text_encoders_positions(qa_model, vocab_file, tmp_path):
+    from transformers import pipeline
+
+    from transformers_mplug import MPLUGProcessor
+
+    positions = qa_model.config.text_config.max_position_embeddings
+    processor = MPLUGProcessor.from_vocab_file(vocab_file, image_size=32, model_max_length=positions)
+    long_question = " ".join(["what is the color of a cat"] * 10)  # 70 words > 40 positions
+    encoded = processor(text=long_question)
+    assert encoded["input_ids"].shape[1] == positions
+    kept = processor.tokenizer.decode(encoded["input_ids"][0, 1:])
+    truncated = processor(text=kept)
+    assert torch.equal(encoded["input_ids"], truncated["input_ids"])
+    assert processor(text=long_question, truncation=False)["input_ids"].shape[1] == 71
+    assert processor(text=long_question, truncation=True, max_length=8)["input_ids"].shape[1] == 8
+    with pytest.raises(ValueError, match="input_ids.*71 tokens.*40 positions"):
+        qa_model.generate(pixel_values=torch.randn(1, 3, 32, 32), **processor(text=long_question, truncation=False))
+    # the pipeline truncates the same way (and honours truncation/max_length)
+    qa_model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    vqa = pipeline("visual-question-answering", model=str(tmp_path))
+    image = Image.new("RGB", (32, 32), (200, 30, 30))
+    assert vqa(image, long_question) == vqa(image, kept)
+    short = processor.tokenizer.decode(processor(text=long_question, truncation=True, max_length=8)["input_ids"][0, 1:])
+    assert vqa(image, long_question, truncation=True, max_length=8) == vqa(image, short)

@@ -126,7 +126,7 @@ def test_videos_give_five_dimensional_pixel_values(processor):
         (dict(videos=[[_image()], [_image(), _image()]]), ValueError, "same number of frames"),
         (dict(videos=[[]]), ValueError, "videos"),
         (dict(images=_image(), videos=[_image()]), ValueError, "either"),
-        (dict(text="cat", truncation=True), ValueError, "max_length"),
+        (dict(text="cat", truncation=True, max_length=0), ValueError, "max_length"),
         (dict(text="cat", padding="sideways"), ValueError, "padding"),
         (dict(text="cat", colour="red"), TypeError, "colour"),
     ],

@@ -455,6 +455,12 @@ class MPLUGModel(MPLUGPreTrainedModel):
         if input_ids.dim() != 2:
             raise ValueError(f"`input_ids` must have shape (batch, length), got {tuple(input_ids.shape)}.")
         attention_mask = _text_attention_mask(input_ids, attention_mask, self.config.pad_token_id)
+        positions = self.config.text_config.max_position_embeddings
+        if input_ids.shape[1] > positions:
+            raise ValueError(
+                f"`input_ids` has {input_ids.shape[1]} tokens, more than the text encoder's {positions} positions; "
+                f"encode the text with the processor (it truncates to `model_max_length`) or pass `max_length={positions}`."
+            )
         return self.text_model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).last_hidden_state
 
     def forward(

@@ -128,6 +128,8 @@ class MPLUGVisualQuestionAnsweringPipeline(_MPLUGPipelineMixin, Pipeline):
         candidate_answers: list[str] | None = None,
         k: int = 128,
         timeout: float | None = None,
+        truncation: bool | None = None,
+        max_length: int | None = None,
         **generate_kwargs: Any,
     ):
         if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
@@ -137,11 +139,18 @@ class MPLUGVisualQuestionAnsweringPipeline(_MPLUGPipelineMixin, Pipeline):
             if not candidate_answers or not all(isinstance(a, str) and a.strip() for a in candidate_answers):
                 raise ValueError("`candidate_answers` must be a non-empty list of non-empty strings.")
             forward.update(candidate_answers=list(candidate_answers), k=k)
-        return {"timeout": timeout}, forward, {}
+        return {"timeout": timeout, "truncation": truncation, "max_length": max_length}, forward, {}
 
-    def preprocess(self, inputs: dict, timeout: float | None = None):
+    def preprocess(
+        self, inputs: dict, timeout: float | None = None, truncation: bool | None = None, max_length: int | None = None
+    ):
         processor = self._mplug_processor()
-        return processor(images=_as_image(inputs["image"], timeout), text=inputs["question"])
+        return processor(
+            images=_as_image(inputs["image"], timeout),
+            text=inputs["question"],
+            truncation=truncation,
+            max_length=max_length,
+        )
 
     def _forward(self, model_inputs, generate_kwargs=None, top_k: int = 1, candidate_answers=None, k: int = 128):
         model_inputs = {

@@ -73,10 +73,11 @@ class MPLUGProcessor(ProcessorMixin):
 
     @classmethod
     def from_vocab_file(
-        cls, vocab_file: str | os.PathLike, image_size: int = 384, **image_kwargs: Any
+        cls, vocab_file: str | os.PathLike, image_size: int = 384, model_max_length: int = 512, **image_kwargs: Any
     ) -> MPLUGProcessor:
-        """Build a processor from a WordPiece `vocab.txt` (lower-casing, as bert-base-uncased) and a resolution."""
-        tokenizer = BertTokenizer(vocab=load_vocab(vocab_file), do_lower_case=True, model_max_length=512)
+        """Build a processor from a WordPiece `vocab.txt` (lower-casing, as bert-base-uncased) and a resolution;
+        `model_max_length` is the text encoder's positions (texts longer than it are truncated by default)."""
+        tokenizer = BertTokenizer(vocab=load_vocab(vocab_file), do_lower_case=True, model_max_length=model_max_length)
         image_processor = MPLUGImageProcessor(size={"height": image_size, "width": image_size}, **image_kwargs)
         return cls(image_processor=image_processor, tokenizer=tokenizer)
 
@@ -98,27 +99,39 @@ class MPLUGProcessor(ProcessorMixin):
         text: str | Sequence[str],
         add_eos: bool = False,
         padding: bool | str = "longest",
-        truncation: bool = False,
+        truncation: bool | None = None,
         max_length: int | None = None,
         return_tensors: str | None = "pt",
         argument: str = "text",
     ) -> BatchFeature:
         """Encode texts as `[CLS] pieces` (`add_eos=False`: questions, captions as inputs) or `[CLS] pieces [SEP]`
-        (`add_eos=True`: answers, caption targets), padded on the right; returns `input_ids` and `attention_mask`."""
+        (`add_eos=True`: answers, caption targets), padded on the right; returns `input_ids` and `attention_mask`.
+
+        Truncation keeps `[CLS]` and the first pieces, as the original tokenizer call: with `truncation=True` at
+        `max_length` (default: the tokenizer's `model_max_length`, the text encoder's positions); by default
+        (`truncation=None`) only texts longer than `model_max_length` are cut; `truncation=False` never cuts."""
         texts = self._as_text_list(text, argument)
-        if truncation and max_length is None:
-            raise ValueError("`truncation=True` needs `max_length`.")
-        if max_length is not None and max_length < 1:
-            raise ValueError(f"`max_length` must be >= 1, got {max_length}.")
+        limit = self.tokenizer.model_max_length
+        limit = limit if isinstance(limit, int) and 0 < limit < 1_000_000 else None
+        if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
+            raise ValueError(f"`max_length` must be an int >= 1, got {max_length!r}.")
+        if truncation is None:
+            cut = limit
+        elif truncation:
+            cut = max_length if max_length is not None else limit
+            if cut is None:
+                raise ValueError("`truncation=True` needs `max_length` (the tokenizer sets no `model_max_length`).")
+        else:
+            cut = None
         pieces = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         cls_id, sep_id = self.tokenizer.cls_token_id, self.tokenizer.sep_token_id
         ids = [[cls_id, *p, sep_id] if add_eos else [cls_id, *p] for p in pieces]
-        if truncation:
-            ids = [seq[:max_length] for seq in ids]
+        if cut is not None:
+            ids = [seq[:cut] for seq in ids]
         return self._pad(ids, padding, max_length, return_tensors)
 
     def encode_labels(
-        self, texts: str | Sequence[str], truncation: bool = False, max_length: int | None = None
+        self, texts: str | Sequence[str], truncation: bool | None = None, max_length: int | None = None
     ) -> torch.Tensor:
         """Decoder targets `[CLS] text [SEP]` padded with -100 (any number of answers / captions, e.g. several
         answers per question for [`MPLUGForQuestionAnswering`] with `answers_per_question`)."""
@@ -154,7 +167,7 @@ class MPLUGProcessor(ProcessorMixin):
         text_pair: str | Sequence[str] | None = None,
         text_target: str | Sequence[str] | None = None,
         padding: bool | str = "longest",
-        truncation: bool = False,
+        truncation: bool | None = None,
         max_length: int | None = None,
         return_tensors: str | None = "pt",
         **kwargs: Any,
@@ -223,7 +236,7 @@ class MPLUGProcessor(ProcessorMixin):
             first,
             second,
             padding=padding,
-            truncation=truncation,
+            truncation=True if truncation is None else truncation,  # by default: at `model_max_length`
             max_length=max_length,
             return_tensors=return_tensors,
         )
