@@ -112,3 +112,39 @@ def test_decoder_config_is_a_cross_attending_bert():
     decoder = config.decoder_config()
     assert decoder.is_decoder and decoder.add_cross_attention and decoder.num_hidden_layers == 2
     assert config.text_config.num_hidden_layers == 2 and not config.text_config.is_decoder
+
+
+def test_partial_sub_configs_fill_from_mplug_defaults():
+    config = MPLUGConfig(vision_config={"hidden_size": 64, "num_attention_heads": 2})
+    assert (config.vision_config.patch_size, config.vision_config.image_size) == (16, 384)  # not CLIP's 32 / 224
+    assert config.vision_config.attention_dropout == 0.1 and config.vision_config.hidden_act == "quick_gelu"
+    text = MPLUGConfig(text_config={"hidden_size": 48, "num_attention_heads": 2}).text_config
+    assert text.num_hidden_layers == 6 and text.layer_norm_eps == 1e-12  # mPLUG's 6-layer text encoder, not BERT's 12
+
+
+@pytest.mark.parametrize("name", ["vision_config", "text_config"])
+def test_a_typo_inside_a_sub_config_is_refused(name):
+    with pytest.raises(ValueError, match=rf"`{name}` has unknown field\(s\) \['hiden_size'\]"):
+        MPLUGConfig(**{name: {"hiden_size": 64}})
+
+
+def test_a_saved_config_with_unknown_keys_still_loads_with_a_warning(tmp_path, caplog):
+    import json
+
+    MPLUGConfig().save_pretrained(tmp_path)
+    path = tmp_path / "config.json"
+    saved = json.loads(path.read_text())
+    saved["feature_of_a_newer_release"] = 3
+    saved["text_config"]["another_new_field"] = True
+    path.write_text(json.dumps(saved))
+    with caplog.at_level("WARNING"):
+        loaded = MPLUGConfig.from_pretrained(tmp_path)
+    assert "feature_of_a_newer_release" in caplog.text and "another_new_field" in caplog.text
+    assert loaded.feature_of_a_newer_release == 3
+    assert loaded.cross_modal_layer_types == MPLUGConfig().cross_modal_layer_types
+    # an extra attribute set on a config round-trips (as for any transformers config)
+    loaded.save_pretrained(tmp_path / "again")
+    assert MPLUGConfig.from_pretrained(tmp_path / "again").feature_of_a_newer_release == 3
+    # while a misspelt constructor argument is still an error
+    with pytest.raises(ValueError, match="num_decoder_layer"):
+        MPLUGConfig(num_decoder_layer=2)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextvars
 import copy
+import functools
 from typing import Any
 
 from transformers import BertConfig, CLIPVisionConfig, GenerationConfig, PretrainedConfig
@@ -49,6 +51,19 @@ _COMMON_KEYS = (
         "use_cache",
     }
 )
+
+# set while a saved config is read (`from_dict`): unknown keys then warn instead of failing
+_LOADING: contextvars.ContextVar[bool] = contextvars.ContextVar("mplug_config_loading", default=False)
+
+
+@functools.cache
+def _sub_config_keys(cls: type) -> frozenset[str]:
+    """Fields a sub-config class accepts: its serialised keys, its constructor arguments, the common ones."""
+    import inspect
+
+    parameters = set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}
+    return frozenset(cls().to_dict()) | parameters | _COMMON_KEYS
+
 
 _BASE_VISION = {
     "hidden_size": 768,
@@ -199,10 +214,17 @@ class MPLUGConfig(PretrainedConfig):
     ) -> None:
         unknown = sorted(set(kwargs) - _COMMON_KEYS)
         if unknown:
-            raise ValueError(
-                f"MPLUGConfig got unknown argument(s) {unknown}; check the spelling against the documented "
-                "arguments (vision_config, text_config, cross_modal_layer_types, num_cross_modal_layers, "
-                "connected_attention_stride, num_decoder_layers, image_size, ...)."
+            if not _LOADING.get():
+                raise ValueError(
+                    f"MPLUGConfig got unknown argument(s) {unknown}; check the spelling against the documented "
+                    "arguments (vision_config, text_config, cross_modal_layer_types, num_cross_modal_layers, "
+                    "connected_attention_stride, num_decoder_layers, image_size, ...)."
+                )
+            # a saved config.json (e.g. written by a newer release): keep the keys, so that the folder still loads
+            logger.warning(
+                "The saved MPLUGConfig has key(s) %s that this version of transformers-mplug does not know; they are "
+                "kept as attributes but have no effect.",
+                unknown,
             )
         self.vision_config = self._build_sub_config("vision_config", vision_config, CLIPVisionConfig, _BASE_VISION)
         self.text_config = self._build_sub_config("text_config", text_config, BertConfig, _BERT_BASE)
@@ -330,15 +352,35 @@ class MPLUGConfig(PretrainedConfig):
         kwargs.setdefault("tie_word_embeddings", True)
         super().__init__(**kwargs)
 
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any):
+        """As `PretrainedConfig.from_dict`; keys this version does not know (a config written by a newer release)
+        load with a warning instead of the error that a misspelt constructor argument gets."""
+        token = _LOADING.set(True)
+        try:
+            return super().from_dict(config_dict, **kwargs)
+        finally:
+            _LOADING.reset(token)
+
     @staticmethod
     def _build_sub_config(name: str, value: Any, cls: type, defaults: dict[str, Any]) -> PretrainedConfig:
+        """A sub-config from mPLUG's own defaults (the base preset), overridden by the given fields; a dict key that
+        the sub-config class does not know is a typo (an error), or, in a saved config, a warning."""
         if value is None:
             return cls(**defaults)
         if isinstance(value, cls):
             return copy.deepcopy(value)
         if isinstance(value, dict):
             value = {k: v for k, v in value.items() if k not in ("model_type", "transformers_version")}
-            return cls(**value)
+            unknown = sorted(set(value) - _sub_config_keys(cls))
+            if unknown:
+                if not _LOADING.get():
+                    raise ValueError(
+                        f"`{name}` has unknown field(s) {unknown}; check the spelling against {cls.__name__}'s "
+                        "arguments."
+                    )
+                logger.warning("The saved `%s` has key(s) %s that %s does not know.", name, unknown, cls.__name__)
+            return cls(**{**defaults, **value})
         raise TypeError(f"`{name}` must be a dict or a {cls.__name__}, got {type(value).__name__}.")
 
     @classmethod

@@ -286,11 +286,12 @@ class MPLUGPreTrainedModel(PreTrainedModel):
                 f"({num_text_layers} + {num_cross_modal_layers}) and `num_decoder_layers` ({num_decoder_layers}) "
                 "must not exceed it."
             )
-        vision_config = vision.config.to_dict()
+        # the checkpoints' own configs, whole (not dicts, which would be merged into mPLUG's defaults)
+        vision_config = copy.deepcopy(vision.config)
         if image_size is not None:
-            vision_config["image_size"] = image_size
-        text_config = text.config.to_dict()
-        text_config["num_hidden_layers"] = num_text_layers
+            vision_config.image_size = image_size
+        text_config = copy.deepcopy(text.config)
+        text_config.num_hidden_layers = num_text_layers
         config = MPLUGConfig(
             vision_config=vision_config,
             text_config=text_config,
