@@ -145,3 +145,9 @@ def test_several_questions_per_scene():
     for bad in (0, 6):
         with pytest.raises(ValueError, match="questions_per_scene"):
             shapes_examples(2, questions_per_scene=bad)
+
+
+def test_a_prompt_that_leaves_no_caption_token_is_refused(shapes_processor):
+    with pytest.raises(ValueError, match="leaves no caption token within `max_length` 3"):
+        MPLUGCaptioningCollator(shapes_processor, prompt="a red circle", max_length=3)
+    MPLUGCaptioningCollator(shapes_processor, prompt="a red circle", max_length=5)  # room for one caption token

@@ -174,3 +174,26 @@ def test_long_questions_are_truncated_at_the_text_encoders_positions(qa_model, v
     assert vqa(image, long_question) == vqa(image, kept)
     short = processor.tokenizer.decode(processor(text=long_question, truncation=True, max_length=8)["input_ids"][0, 1:])
     assert vqa(image, long_question, truncation=True, max_length=8) == vqa(image, short)
+
+
+# ------------------------------------------------------------------------------------------------ folders
+def test_processor_folder_without_tokenizer_files_is_refused(processor, tmp_path):
+    from transformers_mplug import MPLUGProcessor
+
+    processor.save_pretrained(tmp_path)
+    assert MPLUGProcessor.from_pretrained(tmp_path).tokenizer.convert_tokens_to_ids("cat") != 100
+    for name in ("tokenizer.json", "vocab.txt"):
+        (tmp_path / name).unlink(missing_ok=True)
+    with pytest.raises(ValueError, match="no tokenizer file"):
+        MPLUGProcessor.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("missing", ["[CLS]", "[SEP]", "[PAD]", "[MASK]"])
+def test_a_vocabulary_without_the_special_tokens_is_refused(tmp_path, missing):
+    from transformers_mplug import MPLUGProcessor
+
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "cat", "dog"]
+    path = tmp_path / "vocab.txt"
+    path.write_text("\n".join(t for t in tokens if t != missing) + "\n", encoding="utf-8")
+    with pytest.raises((ValueError, TypeError), match=r"\[CLS\]"):
+        MPLUGProcessor.from_vocab_file(path, image_size=32)

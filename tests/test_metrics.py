@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from transformers_mplug.metrics import (
+    CiderD,
     bleu,
     box_iou,
     caption_metrics,
@@ -106,3 +107,33 @@ def test_box_iou_and_grounding_accuracy():
     target = torch.tensor([[0.0, 0.0, 2.0, 1.0], [0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0]])
     torch.testing.assert_close(box_iou(predicted, target), torch.tensor([0.5, 1.0, 0.0]))
     assert grounding_accuracy(predicted, target) == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda: vqa_accuracy(["two"], ["two"]), TypeError, r"answers\[0\]` is a string"),
+        (lambda: caption_metrics(["a cat"], ["a cat"]), TypeError, r"references\[0\]` is a string"),
+        (lambda: bleu(["a cat"], ["a cat"]), TypeError, "wrap it"),
+        (lambda: CiderD(["a cat"]), TypeError, "corpus_references"),
+        (lambda: vqa_accuracy([], []), ValueError, "empty"),
+        (lambda: caption_metrics([], []), ValueError, "empty"),
+        (lambda: vqa_accuracy(["a", "b"], [["a"]]), ValueError, "2 `predictions` but 1 `answers`"),
+        (lambda: bleu(["a", "b"], [["a"]]), ValueError, "2 `predictions` but 1"),
+        (lambda: vqa_accuracy([None], [["a"]]), TypeError, r"predictions\[0\]"),
+        (lambda: caption_metrics([None], [["a"]]), TypeError, r"predictions\[0\]"),
+        (lambda: retrieval_recall(torch.eye(2), torch.eye(2), [0, 5], [[0], [1]]), ValueError, "text_to_image"),
+        (lambda: retrieval_recall(torch.eye(2), torch.eye(2), [0, 1], [[0], [9]]), ValueError, "image_to_texts"),
+        (lambda: retrieval_recall(torch.eye(2), torch.eye(2), [0], [[0], [1]]), ValueError, "one per image"),
+        (lambda: retrieval_recall(torch.zeros(0, 0), torch.zeros(0, 0), [], []), ValueError, "empty"),
+    ],
+)
+def test_bad_metric_inputs_raise_instead_of_scoring(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_plain_string_references_would_have_scored_wrongly():
+    # the same inputs as lists score what they should
+    assert vqa_accuracy(["two"], [["two"] * 4]) == 1.0
+    assert caption_metrics(["a red cat"], [["a red cat"]])["BLEU-1"] == pytest.approx(1.0)

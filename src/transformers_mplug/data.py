@@ -409,6 +409,14 @@ class MPLUGCaptioningCollator:
         self.prompt_length = (
             len(processor.encode_text(self.prompt, return_tensors=None)["input_ids"][0]) if self.prompt else 1
         )
+        if not isinstance(max_length, int) or max_length < 2:
+            raise ValueError(f"`max_length` must be an int >= 2 ([CLS] and one caption token), got {max_length!r}.")
+        if self.prompt_length >= max_length:
+            raise ValueError(
+                f"The prompt {self.prompt!r} takes {self.prompt_length} tokens with [CLS], which leaves no caption "
+                f"token within `max_length` {max_length} (every label would be ignored and the loss 0); raise "
+                "`max_length` or shorten the prompt."
+            )
         self.max_length = max_length
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:

@@ -18,6 +18,41 @@ from collections.abc import Sequence
 
 import torch
 
+
+def _check_scoring_inputs(
+    predictions: Sequence[str],
+    references: Sequence[Sequence[str]],
+    names: tuple[str, str] = ("predictions", "references"),
+) -> None:
+    """Predictions: a non-empty list of strings; references: one non-empty list of strings per prediction (a plain
+    string there would be read as a list of characters)."""
+    pred_name, ref_name = names
+    for name, value in ((pred_name, predictions), (ref_name, references)):
+        if isinstance(value, str) or not isinstance(value, Sequence):
+            raise TypeError(f"`{name}` must be a list, got {type(value).__name__}.")
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} `{pred_name}` but {len(references)} `{ref_name}`; pass one per question.")
+    if not predictions:
+        raise ValueError(f"Nothing to score: `{pred_name}` is empty.")
+    for index, prediction in enumerate(predictions):
+        if not isinstance(prediction, str):
+            raise TypeError(f"`{pred_name}[{index}]` must be a string, got {type(prediction).__name__}.")
+    _check_reference_lists(references, ref_name)
+
+
+def _check_reference_lists(references: Sequence[Sequence[str]], name: str) -> None:
+    for index, group in enumerate(references):
+        if isinstance(group, str):
+            raise TypeError(
+                f"`{name}[{index}]` is a string; each entry must be a list of strings (wrap it: [{group!r}])."
+            )
+        if not isinstance(group, Sequence) or not group:
+            raise ValueError(f"`{name}[{index}]` must be a non-empty list of strings.")
+        for item in group:
+            if not isinstance(item, str):
+                raise TypeError(f"`{name}[{index}]` must hold strings, got {type(item).__name__}.")
+
+
 # ------------------------------------------------------------------------------------------------ VQA accuracy
 _CONTRACTIONS = {
     "aint": "ain't",
@@ -162,10 +197,7 @@ def normalize_vqa_answer(answer: str) -> str:
 def vqa_accuracy(predictions: Sequence[str], answers: Sequence[Sequence[str]]) -> float:
     """Official VQA accuracy: for each question, `min(1, #humans that gave the answer / 3)` averaged over the 10
     leave-one-annotator-out subsets, then averaged over questions."""
-    if len(predictions) != len(answers):
-        raise ValueError(f"{len(predictions)} predictions but {len(answers)} answer lists.")
-    if not predictions:
-        raise ValueError("Nothing to score: `predictions` is empty.")
+    _check_scoring_inputs(predictions, answers, ("predictions", "answers"))
     total = 0.0
     for prediction, human in zip(predictions, answers):
         if not human:
@@ -218,6 +250,7 @@ def _ngrams(tokens: list[str], n: int) -> Counter:
 def bleu(predictions: Sequence[str], references: Sequence[Sequence[str]], max_n: int = 4) -> list[float]:
     """Corpus BLEU-1..`max_n` as the COCO caption evaluation computes it (clipped counts over all references,
     closest reference length, brevity penalty over the corpus)."""
+    _check_scoring_inputs(predictions, references)
     hyps = [ptb_tokenize(p) for p in predictions]
     refs = [[ptb_tokenize(r) for r in rs] for rs in references]
     correct, total = [0] * max_n, [0] * max_n
@@ -253,8 +286,9 @@ class CiderD:
     """
 
     def __init__(self, corpus_references: Sequence[Sequence[str]], sigma: float = 6.0) -> None:
-        if not corpus_references:
+        if isinstance(corpus_references, str) or not corpus_references:
             raise ValueError("`corpus_references` must hold at least one list of reference captions.")
+        _check_reference_lists(corpus_references, "corpus_references")
         self.sigma = sigma
         self.document_frequency: Counter = Counter()
         for rs in corpus_references:
@@ -273,8 +307,7 @@ class CiderD:
 
     def scores(self, predictions: Sequence[str], references: Sequence[Sequence[str]]) -> list[float]:
         """The CIDEr-D of each prediction against its own references."""
-        if len(predictions) != len(references):
-            raise ValueError("`predictions` and `references` must have the same length.")
+        _check_scoring_inputs(predictions, references)
         result = []
         for prediction, rs in zip(predictions, references):
             if not rs:
@@ -301,10 +334,7 @@ def cider_d(predictions: Sequence[str], references: Sequence[Sequence[str]], sig
 
 def caption_metrics(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:
     """BLEU-1..4 and CIDEr-D of captions against their reference lists."""
-    if len(predictions) != len(references) or not predictions:
-        raise ValueError("`predictions` and `references` must be non-empty and of the same length.")
-    if any(not rs for rs in references):
-        raise ValueError("Every prediction needs at least one reference caption.")
+    _check_scoring_inputs(predictions, references)
     scores = {f"BLEU-{n + 1}": value for n, value in enumerate(bleu(predictions, references))}
     scores["CIDEr-D"] = cider_d(predictions, references)
     return scores
@@ -321,6 +351,27 @@ def retrieval_recall(
     """Recall@K in percent both ways, as the original `itm_eval`: a query counts when its best-ranked ground truth
     is within the top K. `scores_i2t` is (images, texts), `scores_t2i` (texts, images)."""
     scores_i2t, scores_t2i = torch.as_tensor(scores_i2t), torch.as_tensor(scores_t2i)
+    if scores_i2t.dim() != 2 or scores_t2i.dim() != 2 or scores_i2t.shape != scores_t2i.shape[::-1]:
+        raise ValueError(
+            f"`scores_i2t` must be (images, texts) and `scores_t2i` (texts, images), got {tuple(scores_i2t.shape)} and "
+            f"{tuple(scores_t2i.shape)}."
+        )
+    num_images, num_texts = scores_i2t.shape
+    if num_images == 0 or num_texts == 0:
+        raise ValueError("Nothing to score: the score matrices are empty.")
+    if len(image_to_texts) != num_images or len(text_to_image) != num_texts:
+        raise ValueError(
+            f"`image_to_texts` has {len(image_to_texts)} entries for {num_images} images and `text_to_image` "
+            f"{len(text_to_image)} for {num_texts} texts; pass one per image / text."
+        )
+    for index, truths in enumerate(image_to_texts):
+        if isinstance(truths, int) or not truths or not all(0 <= int(t) < num_texts for t in truths):
+            raise ValueError(f"`image_to_texts[{index}]` must be a non-empty list of text indices in [0, {num_texts}).")
+    for index, image in enumerate(text_to_image):
+        if not 0 <= int(image) < num_images:
+            raise ValueError(f"`text_to_image[{index}]` = {image} is not an image index in [0, {num_images}).")
+    if not ks or any(not isinstance(k, int) or k < 1 for k in ks):
+        raise ValueError(f"`ks` must be positive ints, got {ks!r}.")
     ranks_i2t = []
     for i, truths in enumerate(image_to_texts):
         order = scores_i2t[i].argsort(descending=True).tolist()

@@ -40,12 +40,12 @@ class MPLUGProcessor(ProcessorMixin):
         >>> from PIL import Image
         >>> from transformers import BertTokenizer
         >>> from transformers_mplug import MPLUGImageProcessor, MPLUGProcessor
-        >>> vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "what", "is", "red"]
+        >>> vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "what", "is", "red"]
         >>> tokenizer = BertTokenizer(vocab={t: i for i, t in enumerate(vocab)}, do_lower_case=True)
         >>> processor = MPLUGProcessor(MPLUGImageProcessor(size={"height": 32, "width": 32}), tokenizer)
         >>> batch = processor(images=Image.new("RGB", (64, 48)), text="What is red", text_target="red")
         >>> batch["input_ids"].tolist(), batch["labels"].tolist(), tuple(batch["pixel_values"].shape)
-        ([[2, 4, 5, 6]], [[2, 6, 3]], (1, 3, 32, 32))
+        ([[2, 5, 6, 7]], [[2, 7, 3]], (1, 3, 32, 32))
 
     With a real vocabulary: `MPLUGProcessor.from_vocab_file("vocab.txt", image_size=384)`.
     """
@@ -65,6 +65,17 @@ class MPLUGProcessor(ProcessorMixin):
             raise TypeError(f"`image_processor` must be an MPLUGImageProcessor, got {type(image_processor).__name__}.")
         if tokenizer is None or tokenizer.cls_token_id is None or tokenizer.sep_token_id is None:
             raise TypeError("`tokenizer` must be a BERT WordPiece tokenizer with [CLS] and [SEP] tokens.")
+        vocab = tokenizer.get_vocab()
+        absent = [
+            token
+            for token in (tokenizer.cls_token, tokenizer.sep_token, tokenizer.pad_token, tokenizer.mask_token)
+            if token is None or token not in vocab or vocab[token] >= tokenizer.vocab_size
+        ]
+        if absent:
+            raise ValueError(
+                f"The tokenizer's vocabulary lacks the special token(s) {absent} ([CLS], [SEP], [PAD] and [MASK] must "
+                "be lines of vocab.txt); use bert-base-uncased's vocab.txt or one laid out like it."
+            )
         if not isinstance(num_coordinate_bins, int) or num_coordinate_bins < 2:
             raise ValueError(f"`num_coordinate_bins` must be an int >= 2, got {num_coordinate_bins!r}.")
         self.coordinate_start_token = coordinate_start_token
@@ -80,6 +91,23 @@ class MPLUGProcessor(ProcessorMixin):
         tokenizer = BertTokenizer(vocab=load_vocab(vocab_file), do_lower_case=True, model_max_length=model_max_length)
         image_processor = MPLUGImageProcessor(size={"height": image_size, "width": image_size}, **image_kwargs)
         return cls(image_processor=image_processor, tokenizer=tokenizer)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any):
+        """As `ProcessorMixin.from_pretrained`; a local folder must hold the tokenizer's files (`tokenizer.json` or
+        `vocab.txt`) and `preprocessor_config.json` (otherwise transformers would build a stand-in that maps every
+        word to `[UNK]`)."""
+        folder = os.fspath(pretrained_model_name_or_path)
+        if os.path.isdir(folder):
+            files = set(os.listdir(folder))
+            if not files & {"tokenizer.json", "vocab.txt"}:
+                raise ValueError(
+                    f"{folder} has no tokenizer file (`tokenizer.json` or `vocab.txt`); save the processor there "
+                    "(`processor.save_pretrained(folder)`) or build it with `MPLUGProcessor.from_vocab_file`."
+                )
+            if not files & {"preprocessor_config.json", "processor_config.json"}:
+                raise ValueError(f"{folder} has no `preprocessor_config.json`; save the processor there.")
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     # ----------------------------------------------------------------------------------------------- text
     @staticmethod
