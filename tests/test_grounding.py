@@ -169,3 +169,20 @@ def test_processor_grounding_settings_round_trip(grounding_processor, tmp_path):
     loaded = MPLUGProcessor.from_pretrained(tmp_path)
     assert loaded.num_coordinate_bins == 33 and loaded.coordinate_start_token == "[unused20]"
     assert loaded.coordinate_token_start_id == grounding_processor.coordinate_token_start_id == 21
+
+
+def test_grounding_input_mistakes_are_errors(grounding_processor):
+    torch.manual_seed(0)
+    model = MPLUGForGrounding(config()).eval()
+    inputs = tiny_inputs(model.config, batch_size=2)
+    with pytest.raises(ValueError, match=r"normalised \(cx, cy, w, h\) in \[0, 1\].*prepare_grounding"):
+        model(**inputs, boxes=torch.tensor([[120.0, 40.0, 60.0, 30.0], [0.5, 0.5, 0.2, 0.2]]))  # pixel boxes
+    images = [Image.new("RGB", (40, 20)), Image.new("RGB", (16, 32))]
+    batch = grounding_processor.prepare_grounding(images, ["what cat", "the dog"])
+    pred = model.predict_boxes(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+    with pytest.raises(ValueError, match="`image_geometry` has 1 rows for 2 boxes"):
+        grounding_processor.post_process_grounding(pred, batch["image_geometry"][:1])
+    # a 4000 x 1 strip letterboxes to a one-pixel-high band instead of failing inside PIL
+    strip = grounding_processor.prepare_grounding(Image.new("RGB", (4000, 1), (255, 255, 255)), "the line")
+    assert strip["pixel_values"].shape == (1, 3, 32, 32)
+    assert torch.isfinite(strip["pixel_values"]).all()

@@ -247,7 +247,8 @@ class MPLUGImageProcessor(BaseImageProcessor):
             pil = to_pil_image(image, "images")
             width, height = pil.size
             scale = side / max(width, height)
-            new_w, new_h = round(width * scale), round(height * scale)
+            # at least one pixel per side (a 4000 x 1 strip would otherwise round to 0)
+            new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
             resized = np.asarray(pil.resize((new_w, new_h), resample=PIL.Image.Resampling.BILINEAR), np.float32)
             resized = (resized / 255.0 - mean) / std
             left, top = round((side - new_w) / 2 - 0.1), round((side - new_h) / 2 - 0.1)

@@ -1798,6 +1798,12 @@ class MPLUGForGrounding(MPLUGDecoderHeadMixin, MPLUGPreTrainedModel):
         boxes = torch.as_tensor(boxes, dtype=memory.dtype, device=memory.device)
         if boxes.shape != (batch_size, 4):
             raise ValueError(f"`boxes` must have shape ({batch_size}, 4) (cx, cy, w, h), got {tuple(boxes.shape)}.")
+        if not bool(torch.isfinite(boxes).all()) or bool((boxes < 0).any()) or bool((boxes > 1).any()):
+            raise ValueError(
+                "`boxes` must be normalised (cx, cy, w, h) in [0, 1] on the padded square image, got values in "
+                f"[{float(boxes.min()):.3g}, {float(boxes.max()):.3g}]; convert pixel (x1, y1, x2, y2) boxes with "
+                "`processor.prepare_grounding(images, phrases, boxes=...)` or `processor.box_pixels_to_normalized`."
+            )
         prefix = torch.full((batch_size, 1), self.config.grounding_prefix_token_id, device=memory.device)
         decoder_ids = torch.cat([prefix, self.boxes_to_tokens(boxes)], dim=1)
         logits = self._decode(decoder_ids, torch.ones_like(decoder_ids), memory, memory_mask)

@@ -352,6 +352,11 @@ class MPLUGProcessor(ProcessorMixin):
         clipped to the image."""
         boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
         geometry = torch.as_tensor(image_geometry, dtype=torch.float32).reshape(-1, 5)
+        if boxes.shape[0] != geometry.shape[0]:
+            raise ValueError(
+                f"`image_geometry` has {geometry.shape[0]} rows for {boxes.shape[0]} boxes; pass the `image_geometry` "
+                "of the same `prepare_grounding` batch (one row per image)."
+            )
         side = float(self.image_processor.size["height"])
         cx, cy, w, h = (boxes * side).unbind(-1)
         xyxy = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
