@@ -35,6 +35,7 @@ from transformers_mplug import (
 )
 from transformers_mplug.original_checkpoint import (
     config_from_original,
+    detect_original_tasks,
     load_original_checkpoint,
     load_original_state_dict,
 )
@@ -85,6 +86,8 @@ def sha256(path: str | os.PathLike) -> str:
 def read_task_config(path: str | None) -> dict[str, Any]:
     if path is None:
         return {}
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"`--config_path` {path} does not exist.")
     with open(path, encoding="utf-8") as handle:
         task_config = yaml.safe_load(handle)
     if not isinstance(task_config, dict):
@@ -537,21 +540,34 @@ def main(argv: list[str] | None = None) -> int:
     if args.reference_dir and not args.verify:
         print("error: --reference_dir needs --verify", file=sys.stderr)
         return 2
-    task_config = read_task_config(args.config_path)
     try:
+        task_config = read_task_config(args.config_path)
         state_dict = load_original_checkpoint(args.checkpoint_path)
+        tasks, found = detect_original_tasks(state_dict)
+        if tasks and args.task not in tasks:
+            raise ValueError(
+                f"`--task {args.task}` does not match the checkpoint: its keys hold {found}, so it converts with "
+                f"--task {' or --task '.join(sorted(tasks))}."
+            )
         model, mapping = build(args, state_dict, task_config)
-    except (ValueError, KeyError, FileNotFoundError) as error:
+    except FileNotFoundError as error:  # a path argument that does not exist
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError, KeyError, OSError, yaml.YAMLError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(f"Mapped {len(mapping.state_dict)} tensors into {type(model).__name__}.")
     for reason, keys in sorted(mapping.dropped.items()):
         print(f"Dropped {len(keys)} keys: {reason}")
-    processor = MPLUGProcessor.from_vocab_file(
-        args.vocab_path,
-        image_size=model.config.vision_config.image_size,
-        model_max_length=model.config.text_config.max_position_embeddings,
-    )
+    try:
+        processor = MPLUGProcessor.from_vocab_file(
+            args.vocab_path,
+            image_size=model.config.vision_config.image_size,
+            model_max_length=model.config.text_config.max_position_embeddings,
+        )
+    except (ValueError, TypeError, OSError) as error:
+        print(f"error: `--vocab_path`: {error}", file=sys.stderr)
+        return 2 if isinstance(error, FileNotFoundError) else 1
     if len(processor.tokenizer) != model.config.vocab_size:
         print(
             f"error: `vocab_path` has {len(processor.tokenizer)} tokens, the model {model.config.vocab_size}",

@@ -427,3 +427,68 @@ def test_pretrained_layout_file_converts_for_pretraining_and_fine_tuning(tmp_pat
         str(root / "vqa_base"),
     )
     assert "teacher_forced.logits" in again.stdout and "| NO |" not in again.stdout
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+
+
+@pytest.mark.parametrize("task", ["caption", "grounding", "retrieval"])
+def test_a_checkpoint_converted_as_another_task_is_refused(tmp_path, task):
+    root = require_reference()
+    result = convert(tmp_path / "out", task, "vqa_base/checkpoint.pth", "vqa_base", "base", "--verify", check=False)
+    assert result.returncode == 1, result.stdout[-2000:]
+    assert f"--task {task}` does not match" in result.stderr and "--task vqa" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+    assert root.exists()
+
+
+def test_detected_tasks_of_every_fixture():
+    from transformers_mplug.original_checkpoint import detect_original_tasks, load_original_checkpoint
+
+    root = require_reference()
+    expected = {
+        "vqa_base": {"vqa"},
+        "vqa_large": {"vqa", "caption"},  # built without momentum copies: the same modules as a captioner
+        "caption_base": {"vqa", "caption"},
+        "caption_large": {"vqa", "caption"},
+        "videocap_large": {"caption"},
+        "retrieval_large": {"retrieval"},
+        "grounding_large": {"grounding"},
+    }
+    for fixture, tasks in expected.items():
+        assert detect_original_tasks(load_original_checkpoint(root / fixture / "checkpoint.pth"))[0] == tasks, fixture
+
+
+def test_unreadable_inputs_end_with_one_line_and_the_documented_exit_code(tmp_path):
+    root = require_reference()
+    vocab = str(root / "configs" / "vocab.txt")
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes((root / "vqa_large" / "checkpoint.pth").read_bytes()[:5000])
+    not_a_dict = tmp_path / "list.pth"
+    torch.save([torch.zeros(2)], not_a_dict)
+    good = str(root / "vqa_large" / "checkpoint.pth")
+    bert = ("--bert_config_path", str(root / BERT["large"]))
+    cases = [
+        (("--checkpoint_path", str(truncated), "--vocab_path", vocab), 1, "cannot be read"),
+        (("--checkpoint_path", str(not_a_dict), "--vocab_path", vocab), 1, "must be a dict"),
+        (("--checkpoint_path", str(tmp_path), "--vocab_path", vocab), 1, "is a directory"),
+        (("--checkpoint_path", good, *bert, "--vocab_path", str(tmp_path / "missing.txt")), 2, "missing.txt"),
+        (
+            ("--checkpoint_path", good, *bert, "--vocab_path", vocab, "--config_path", str(tmp_path / "missing.yaml")),
+            2,
+            "missing.yaml",
+        ),
+    ]
+    for args, code, message in cases:
+        result = _run("--task", "vqa", *args, "--output_dir", str(tmp_path / "out"))
+        assert result.returncode == code, (args, result.stderr[-2000:])
+        lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1 and message in lines[0], (args, result.stderr[-2000:])
+        assert "Traceback" not in result.stderr

@@ -61,11 +61,20 @@ def load_original_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]
     """Load an original checkpoint file safely (`torch.load(..., weights_only=True)`) and return its model state
     dict: `{'model': ...}` training files (optimizer/scheduler/config entries are ignored), DeepSpeed
     `mp_rank_00_model_states.pt` files (`{'module': ...}`) or bare state dicts."""
+    if os.path.isdir(path):
+        raise ValueError(
+            f"`checkpoint_path` {path} is a directory; pass the checkpoint file itself (an AliceMind .pth or a "
+            "DeepSpeed mp_rank_00_model_states.pt)."
+        )
     if not os.path.isfile(path):
         raise FileNotFoundError(f"`checkpoint_path` {path} does not exist.")
     try:
         with torch.serialization.safe_globals([set]):  # DeepSpeed writes a set of names
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError) as error:
+        raise ValueError(
+            f"`checkpoint_path` {path} cannot be read as a torch checkpoint (truncated or not a .pth file): {error}"
+        ) from None
     except pickle.UnpicklingError as error:
         raise ValueError(
             f"{path} contains pickled objects other than tensors and plain containers, which are not loaded for "
@@ -94,6 +103,35 @@ def unwrap_original_checkpoint(checkpoint: Mapping[str, Any]) -> dict[str, torch
             key = key[len("module.") :]
         out[key] = value
     return out
+
+
+GROUNDING_BUFFERS = ("bbox_prob_mask", "prefix_ids", "target_ids")
+
+
+def detect_original_tasks(state_dict: Mapping[str, torch.Tensor]) -> tuple[set[str], str]:
+    """The converter tasks an original state dict can be: `(tasks, what was found)`. VQA and captioning files can
+    hold the same modules (captioning files often carry an unused text encoder and fusion), so some files allow
+    both; an empty set means the keys name no task head."""
+    keys = {normalise_original_key(k) for k in state_dict}
+
+    def has(prefix: str) -> bool:
+        return any(k.startswith(prefix) for k in keys)
+
+    if any(name in keys for name in GROUNDING_BUFFERS):
+        return {"grounding"}, "the grounding buffers (bbox_prob_mask / prefix_ids / target_ids)"
+    decoder, itm = has("text_decoder."), has("itm_head.")
+    mlm = has("text_encoder.cls.") or has("fusion_encoder.cls.")
+    if itm and (decoder or mlm):
+        return {"pretrained"}, "an ITM head with a decoder / MLM head (a pretraining checkpoint)"
+    if itm:
+        return {"retrieval"}, "an ITM head and ITC projections without a decoder (a retrieval checkpoint)"
+    if decoder and has("text_decoder_m."):
+        return {"vqa"}, "a decoder with momentum copies over the fused image and question (a VQA checkpoint)"
+    if decoder and not has("text_encoder."):
+        return {"caption"}, "a decoder on the image features only, no text encoder (a captioning checkpoint)"
+    if decoder:
+        return {"vqa", "caption"}, "a decoder with a text encoder and fusion (a VQA or captioning checkpoint)"
+    return set(), "no task head (no decoder, ITM head or grounding buffers)"
 
 
 def normalise_original_key(key: str) -> str:
