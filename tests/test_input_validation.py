@@ -197,3 +197,12 @@ def test_a_vocabulary_without_the_special_tokens_is_refused(tmp_path, missing):
     path.write_text("\n".join(t for t in tokens if t != missing) + "\n", encoding="utf-8")
     with pytest.raises((ValueError, TypeError), match=r"\[CLS\]"):
         MPLUGProcessor.from_vocab_file(path, image_size=32)
+
+
+def test_empty_galleries_raise():
+    model = MPLUGForRetrieval(tiny_config()).eval()
+    inputs = tiny_inputs(model.config)
+    with pytest.raises(ValueError, match="at least one text"):
+        model.retrieve(pixel_values=inputs["pixel_values"], input_ids=inputs["input_ids"][:0], k=2)
+    with pytest.raises(ValueError, match="image gallery is empty"):
+        model.retrieve(pixel_values=inputs["pixel_values"][:0], input_ids=inputs["input_ids"], k=2)

@@ -1600,6 +1600,11 @@ class MPLUGForRetrieval(MPLUGPreTrainedModel):
         """
         if input_ids is None:
             raise ValueError("`input_ids` (the text gallery) is required.")
+        if input_ids.dim() != 2 or input_ids.shape[0] == 0:
+            raise ValueError(f"`input_ids` must hold at least one text (batch, length), got {tuple(input_ids.shape)}.")
+        gallery = image_embeds if image_embeds is not None else pixel_values
+        if isinstance(gallery, torch.Tensor) and gallery.shape[0] == 0:
+            raise ValueError("The image gallery is empty: pass at least one image (`pixel_values` / `image_embeds`).")
         if not isinstance(k, int) or k < 1:
             raise ValueError(f"`k` must be a positive int, got {k!r}.")
         if not isinstance(batch_size, int) or batch_size < 1:

@@ -388,7 +388,7 @@ class MPLUGProcessor(ProcessorMixin):
         """Decode one sequence as the original evaluation does: `[SEP]`, `[CLS]`, `[PAD]` removed, stripped."""
         if isinstance(token_ids, torch.Tensor):
             token_ids = token_ids.tolist()
-        token_ids = [t for t in token_ids if t >= 0]
+        token_ids = [t for t in token_ids if t >= 0]  # -1: the fixtures' / beam outputs' padding
         text = self.tokenizer.decode(token_ids, **kwargs)
         for token in _DECODE_STRIP:
             text = text.replace(token, "")
