@@ -11,7 +11,6 @@ from transformers import GenerationConfig, pipeline
 from transformers.generation import GenerateBeamDecoderOnlyOutput
 
 from transformers_mplug import (
-    DECODING_MODES,
     MPLUGBeamSearchOutput,
     MPLUGForCaptioning,
     MPLUGForQuestionAnswering,
@@ -218,10 +217,6 @@ def test_streamer_is_refused_rather_than_ignored(qa_model):
 
     with pytest.raises(ValueError, match="streamer"):
         qa_model.generate(**tiny_inputs(qa_model.config, batch_size=1), num_beams=1, streamer=TextStreamer(Tokenizer()))
-
-
-def test_modes_are_listed():
-    assert DECODING_MODES == ("original", "transformers")
 
 
 @pytest.mark.parametrize("fixture", ["vqa_base", "vqa_large"])

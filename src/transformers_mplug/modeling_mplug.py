@@ -496,7 +496,6 @@ class MPLUGModel(MPLUGPreTrainedModel):
             raise ValueError("`input_ids` is required: pass the processor's text ids.")
         if input_ids.dim() != 2:
             raise ValueError(f"`input_ids` must have shape (batch, length), got {tuple(input_ids.shape)}.")
-        _check_ids(input_ids, "input_ids", self.config.text_config.vocab_size)
         attention_mask = _text_attention_mask(input_ids, attention_mask, self.config.pad_token_id)
 
         vision_states = None
