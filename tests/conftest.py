@@ -17,7 +17,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 REFERENCE_DIR = Path(os.environ.get("MPLUG_REFERENCE_DIR", REPO_ROOT.parent / "shared" / "reference"))
 TF52_PATH = str(Path(os.environ.get("MPLUG_TF52_PATH", REPO_ROOT / ".venv" / "tf52")).resolve())
 
+# 104 special/unused tokens + 24 words = 128 tokens, the tiny config's vocabulary (every id a model emits decodes)
 TINY_WORDS = ["what", "is", "the", "color", "of", "a", "cat", "dog", "red", "blue", "two", "how", "many", "##s"]
+TINY_WORDS += ["green", "one", "three", "on", "in", "left", "right", "big", "small", "there"]
 
 
 def tiny_config(**overrides) -> MPLUGConfig:

@@ -206,3 +206,95 @@ def test_empty_galleries_raise():
         model.retrieve(pixel_values=inputs["pixel_values"], input_ids=inputs["input_ids"][:0], k=2)
     with pytest.raises(ValueError, match="image gallery is empty"):
         model.retrieve(pixel_values=inputs["pixel_values"][:0], input_ids=inputs["input_ids"], k=2)
+
+
+def test_vqa_pipeline_refuses_a_folder_without_tokenizer_files(qa_model, processor, tmp_path):
+    from transformers import pipeline
+
+    qa_model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    image = Image.new("RGB", (32, 32), (200, 30, 30))
+    assert isinstance(
+        pipeline("visual-question-answering", model=str(tmp_path))(image, "what is red")[0]["answer"], str
+    )
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"):
+        (tmp_path / name).unlink(missing_ok=True)
+    vqa = pipeline("visual-question-answering", model=str(tmp_path))  # transformers builds a stand-in tokenizer
+    with pytest.raises(ValueError, match=rf"{tmp_path}.*only its 5 special tokens.*tokenizer.json. or .vocab.txt"):
+        vqa(image, "what is red")
+
+
+def test_pipeline_refuses_a_tokenizer_larger_than_the_models_vocabulary(qa_model, tmp_path):
+    from transformers import pipeline
+
+    from transformers_mplug import MPLUGProcessor
+
+    words = [f"word{i}" for i in range(40)]
+    path = tmp_path / "vocab.txt"
+    path.write_text(
+        "\n".join(["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words)
+    )
+    big = MPLUGProcessor.from_vocab_file(path, image_size=32)
+    vqa = pipeline(
+        "visual-question-answering", model=qa_model, tokenizer=big.tokenizer, image_processor=big.image_processor
+    )
+    with pytest.raises(ValueError, match="144 tokens, more than the model's vocabulary \\(128\\)"):
+        vqa(Image.new("RGB", (32, 32)), "word1")
+
+
+def test_decoding_ids_outside_the_tokenizer_raises(processor):
+    assert processor.decode([101, 103 + 7, 102]) == "cat"
+    with pytest.raises(ValueError, match=r"`token_ids` holds id\(s\) \[128, 500\] outside the tokenizer's 128 tokens"):
+        processor.batch_decode(torch.tensor([[101, 128, 500]]))
+
+
+def test_model_folders_without_config_json_are_refused(tmp_path):
+    from transformers_mplug import MPLUGModel
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="has no `config.json` \\(it is empty\\)"):
+        MPLUGForQuestionAnswering.from_pretrained(tmp_path / "empty")
+    with pytest.raises(ValueError, match="is not a folder"):
+        MPLUGModel.from_pretrained(str(tmp_path / "absent"))
+    model = MPLUGModel(tiny_config())
+    model.save_pretrained(tmp_path / "model")
+    (tmp_path / "model" / "config.json").unlink()
+    with pytest.raises(ValueError, match=r"has no `config.json` \(it holds \['model.safetensors'\]\).*pass `config=`"):
+        MPLUGModel.from_pretrained(tmp_path / "model")
+    loaded = MPLUGModel.from_pretrained(tmp_path / "model", config=model.config)  # config given: fine
+    assert torch.equal(
+        loaded.text_model.embeddings.word_embeddings.weight, model.text_model.embeddings.word_embeddings.weight
+    )
+
+
+def _drop_weights(folder, prefix: str) -> list[str]:
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(folder / "model.safetensors")
+    dropped = [k for k in weights if k.startswith(prefix)]
+    save_file({k: v for k, v in weights.items() if k not in dropped}, folder / "model.safetensors", {"format": "pt"})
+    return dropped
+
+
+def test_missing_weights_raise_unless_a_head_is_built_from_another_class(qa_model, tmp_path, caplog):
+    from transformers_mplug import MPLUGModel
+
+    qa_model.save_pretrained(tmp_path / "qa")
+    assert _drop_weights(tmp_path / "qa", "text_decoder.bert.encoder.layer.0.crossattention.self.query")
+    with pytest.raises(ValueError, match=r"lacks 2 weight\(s\) of MPLUGForQuestionAnswering, in \['text_decoder'\]"):
+        MPLUGForQuestionAnswering.from_pretrained(tmp_path / "qa")
+    # the documented case: a head from a trunk folder; the head's own modules start fresh, with a warning
+    trunk = MPLUGModel(tiny_config())
+    trunk.save_pretrained(tmp_path / "trunk")
+    with caplog.at_level("WARNING"):
+        head = MPLUGForQuestionAnswering.from_pretrained(tmp_path / "trunk")
+    assert "built from a MPLUGModel folder" in caplog.text and "text_decoder start fresh" in caplog.text
+    assert torch.equal(
+        head.mplug.vision_model.embeddings.class_embedding, trunk.vision_model.embeddings.class_embedding
+    )
+    # ... but not with a trunk that lacks its own weights
+    assert _drop_weights(tmp_path / "trunk", "vision_model.post_layernorm")
+    with pytest.raises(ValueError, match=r"a MPLUGModel folder\) lacks 2 weight\(s\).*\['mplug.vision_model'\]"):
+        MPLUGForQuestionAnswering.from_pretrained(tmp_path / "trunk")
+    with pytest.raises(ValueError, match=r"lacks 2 weight\(s\) of MPLUGModel"):
+        MPLUGModel.from_pretrained(tmp_path / "trunk")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import os
 from dataclasses import dataclass
 
 import torch
@@ -208,6 +209,66 @@ class MPLUGCrossModalEncoder(nn.Module):
         return image_embeds, text_embeds
 
 
+def _check_model_folder(path: str | os.PathLike | None, kwargs: dict) -> None:
+    """A local model folder must hold `config.json` (when no `config=` is given): otherwise transformers would build
+    the default (base-size) config and fail later with a wall of size mismatches, or load the wrong model."""
+    if path is None or not isinstance(path, (str, os.PathLike)):
+        return
+    folder = os.fspath(path)
+    if kwargs.get("subfolder"):
+        folder = os.path.join(folder, kwargs["subfolder"])
+    if not os.path.isdir(folder):
+        if os.path.isabs(folder) or folder.startswith(("./", "../", "~")):  # a path, not a Hub id
+            raise ValueError(f"`pretrained_model_name_or_path` {folder} is not a folder (no such directory).")
+        return
+    config = kwargs.get("config")
+    if config is None or isinstance(config, (str, os.PathLike)):
+        config_folder = folder if config is None else os.fspath(config)
+        if os.path.isdir(config_folder) and not os.path.isfile(os.path.join(config_folder, "config.json")):
+            listing = sorted(os.listdir(folder))
+            held = f"it holds {listing[:8]}" if listing else "it is empty"
+            raise ValueError(
+                f"`pretrained_model_name_or_path` {folder} has no `config.json` ({held}); save the model there with "
+                "`model.save_pretrained(folder)`, convert an original checkpoint with "
+                "conversion/convert_mplug_original_to_hf.py, or pass `config=`."
+            )
+
+
+def _weight_groups(keys: set[str]) -> list[str]:
+    """Module names of state-dict keys, two levels deep under the trunk (`mplug.vision_model`, `text_decoder`)."""
+    groups = set()
+    for key in keys:
+        parts = key.split(".")
+        depth = 2 if parts[0] == "mplug" and len(parts) > 2 else 1
+        groups.add(".".join(parts[:depth]))
+    return sorted(groups)
+
+
+def _check_missing_weights(cls: type, config: MPLUGConfig, missing: set[str], source: str | os.PathLike | None) -> None:
+    """Refuse weights a folder lacks, except a head's own modules when the folder is of another mPLUG class."""
+    architectures = list(getattr(config, "architectures", None) or [])
+    prefix = f"{cls.base_model_prefix}."
+    own_class = not architectures or cls.__name__ in architectures
+    trunk_missing = {k for k in missing if k.startswith(prefix)} if cls is not MPLUGModel else set(missing)
+    if own_class or trunk_missing:
+        refused = sorted(missing if own_class else trunk_missing)
+        saved = f"a {architectures[0]} folder" if architectures else "a folder without `architectures`"
+        raise ValueError(
+            f"`pretrained_model_name_or_path` {source} ({saved}) lacks {len(refused)} weight(s) of "
+            f"{cls.__name__}, in {_weight_groups(set(refused))}, e.g. {refused[:3]}: the checkpoint is incomplete or "
+            "of another model. Save the model again with `save_pretrained`, or convert the original checkpoint "
+            "with conversion/convert_mplug_original_to_hf.py."
+        )
+    logger.warning(
+        "%s is built from a %s folder (%s): %s start fresh (%d weights); fine-tune them before use.",
+        cls.__name__,
+        architectures[0],
+        source,
+        ", ".join(_weight_groups(missing)),
+        len(missing),
+    )
+
+
 class MPLUGPreTrainedModel(PreTrainedModel):
     config_class = MPLUGConfig
     config: MPLUGConfig
@@ -233,13 +294,24 @@ class MPLUGPreTrainedModel(PreTrainedModel):
         return set()
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike | None, *args, **kwargs):
+        """As `PreTrainedModel.from_pretrained`, strict about what the folder lacks.
+
+        A local folder needs its `config.json` (unless `config=` is given). Every weight of the model must be in the
+        checkpoint, except when a head is built from a folder of another mPLUG class (a trunk `MPLUGModel`, a
+        pretraining folder, another head): then the head's own modules outside the trunk (`mplug.`) start fresh and a
+        warning names them. Weights that follow from the loaded ones (a pretraining teacher from a task folder, the
+        second image's cross-attention of a single-image folder) are derived and logged. Anything else missing raises.
+        """
         output_loading_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        _check_model_folder(pretrained_model_name_or_path, kwargs)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
         missing = set(info.get("missing_keys", ()))
         derived = model._derive_missing_weights(missing) if missing else set()
-        if derived:
-            info["missing_keys"] = missing - derived
+        missing -= derived
+        info["missing_keys"] = missing
+        if missing:
+            _check_missing_weights(cls, model.config, missing, pretrained_model_name_or_path)
         return (model, info) if output_loading_info else model
 
     @classmethod

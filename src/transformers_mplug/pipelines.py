@@ -78,16 +78,32 @@ class _MPLUGPipelineMixin:
         return super().__new__(cls)
 
     def _mplug_processor(self) -> MPLUGProcessor:
+        """The pipeline's `MPLUGProcessor` (given, or built from the loaded tokenizer and image processor), checked
+        once against the model: a stand-in tokenizer (files missing) or one larger than the model's vocabulary is
+        refused."""
         processor = getattr(self, "processor", None)
-        if processor is not None and hasattr(processor, "encode_text"):
+        if processor is not None and processor is getattr(self, "_checked_processor", None):
             return processor
-        tokenizer, image_processor = getattr(self, "tokenizer", None), getattr(self, "image_processor", None)
-        if tokenizer is None or image_processor is None:
+        source = getattr(self.model, "name_or_path", "") or "the model's folder"
+        if processor is None or not hasattr(processor, "encode_text"):
+            tokenizer, image_processor = getattr(self, "tokenizer", None), getattr(self, "image_processor", None)
+            if tokenizer is None or image_processor is None:
+                raise ValueError(
+                    "The pipeline needs the model's processor: pass `processor=MPLUGProcessor...` (or `tokenizer=` "
+                    "and `image_processor=`), or load the model from a folder saved with its processor."
+                )
+            try:
+                processor = MPLUGProcessor(image_processor=image_processor, tokenizer=tokenizer)
+            except ValueError as error:
+                raise ValueError(f"The tokenizer loaded for {source} is unusable: {error}") from None
+        size, vocab_size = len(processor.tokenizer), self.model.config.text_config.vocab_size
+        if size > vocab_size:
             raise ValueError(
-                "The pipeline needs the model's processor: pass `processor=MPLUGProcessor...` (or `tokenizer=` and "
-                "`image_processor=`), or load the model from a folder saved with its processor."
+                f"The tokenizer given for {source} has {size} tokens, more than the model's vocabulary "
+                f"({vocab_size}): it is not the model's tokenizer. Pass the processor saved with the model."
             )
-        return MPLUGProcessor(image_processor=image_processor, tokenizer=tokenizer)
+        self.processor = self._checked_processor = processor
+        return processor
 
 
 def _as_image(image: Any, timeout: float | None) -> Any:

@@ -76,6 +76,12 @@ class MPLUGProcessor(ProcessorMixin):
                 f"The tokenizer's vocabulary lacks the special token(s) {absent} ([CLS], [SEP], [PAD] and [MASK] must "
                 "be lines of vocab.txt); use bert-base-uncased's vocab.txt or one laid out like it."
             )
+        if not set(vocab) - set(tokenizer.all_special_tokens):
+            raise ValueError(
+                f"The tokenizer holds only its {len(vocab)} special tokens, so every word would become [UNK]: its "
+                "vocabulary file (`tokenizer.json` or `vocab.txt`) was not loaded. Load the processor from a folder "
+                "that has it, or build it with `MPLUGProcessor.from_vocab_file`."
+            )
         if not isinstance(num_coordinate_bins, int) or num_coordinate_bins < 2:
             raise ValueError(f"`num_coordinate_bins` must be an int >= 2, got {num_coordinate_bins!r}.")
         self.coordinate_start_token = coordinate_start_token
@@ -389,6 +395,13 @@ class MPLUGProcessor(ProcessorMixin):
         if isinstance(token_ids, torch.Tensor):
             token_ids = token_ids.tolist()
         token_ids = [t for t in token_ids if t >= 0]  # -1: the fixtures' / beam outputs' padding
+        size = len(self.tokenizer)
+        outside = sorted({t for t in token_ids if t >= size})
+        if outside:
+            raise ValueError(
+                f"`token_ids` holds id(s) {outside[:5]} outside the tokenizer's {size} tokens: they come from a model "
+                "whose vocabulary is not this tokenizer's. Decode with the processor saved with the model."
+            )
         text = self.tokenizer.decode(token_ids, **kwargs)
         for token in _DECODE_STRIP:
             text = text.replace(token, "")
