@@ -138,6 +138,7 @@ class RetrievalCollator:
         batch.update(self.processor.encode_text(texts, truncation=True, max_length=args.max_length))
         if args.image_id_column:
             batch["idx"] = torch.as_tensor([row[args.image_id_column] for row in rows], dtype=torch.long)
+        batch["return_loss"] = True  # the training step's losses (the model's forward gives ITC logits otherwise)
         return batch
 
 

@@ -71,7 +71,7 @@ def test_remote_code_folder_loads_without_the_package(tmp_path, vocab_file):
     )
     _run(f"import sys; sys.path.insert(0, {str(REPO_ROOT)!r})\n" + save, tmp_path)
     files = set(os.listdir(tmp_path / "folder"))
-    assert {"configuration_mplug.py", "modeling_mplug.py", "processing_mplug.py"} <= files
+    assert {"configuration_mplug.py", "modeling_mplug.py", "processing_mplug.py", "tokenization_mplug.py"} <= files
     load = BLOCK_PACKAGE + textwrap.dedent(
         """
         import torch
@@ -83,6 +83,10 @@ def test_remote_code_folder_loads_without_the_package(tmp_path, vocab_file):
         assert type(processor).__name__ == "MPLUGProcessor"
         ids = processor(text="what is the cat")["input_ids"][0].tolist()
         assert ids[0] == 101 and 102 not in ids, ids
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained("folder", trust_remote_code=True)
+        assert type(tokenizer).__name__ == "MPLUGTokenizer" and "transformers_mplug" not in type(tokenizer).__module__
+        assert tokenizer("what is the cat")["input_ids"] == ids and processor.tokenizer("cat")["input_ids"][-1] != 102
         saved = torch.load("expected.pt", weights_only=True)
         with torch.no_grad():
             memory = model.eval()(**saved["inputs"]).last_hidden_state

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -44,6 +45,12 @@ def saved(tmp_path, model, processor, name="model"):
     return str(folder)
 
 
+# transformers 5.2.x still has its own visual-question-answering pipeline, which the package leaves registered
+_VQA_ENTRY = transformers.pipelines.SUPPORTED_TASKS.get("visual-question-answering", {})
+NATIVE_VQA = _VQA_ENTRY.get("impl", MPLUGVisualQuestionAnsweringPipeline) is not MPLUGVisualQuestionAnsweringPipeline
+VQA_CLASS = {"pipeline_class": MPLUGVisualQuestionAnsweringPipeline} if NATIVE_VQA else {}
+
+
 def test_vqa_pipeline_with_model_object_and_folder(tmp_path, processor, image):
     torch.manual_seed(0)
     model = MPLUGForQuestionAnswering(tiny_config()).eval()
@@ -52,6 +59,7 @@ def test_vqa_pipeline_with_model_object_and_folder(tmp_path, processor, image):
         model=model,
         tokenizer=processor.tokenizer,
         image_processor=processor.image_processor,
+        **VQA_CLASS,
     )
     assert isinstance(vqa, MPLUGVisualQuestionAnsweringPipeline)
     result = vqa(image, "what is the color of the cat", top_k=2, max_new_tokens=3)
@@ -63,10 +71,19 @@ def test_vqa_pipeline_with_model_object_and_folder(tmp_path, processor, image):
     ranked = vqa(image, "what is the cat", candidate_answers=["red", "blue", "two"], top_k=3)
     assert sorted(r["answer"] for r in ranked) == ["blue", "red", "two"]
     assert sum(r["score"] for r in ranked) == pytest.approx(1.0, abs=1e-5)
-    from_folder = pipeline("visual-question-answering", model=saved(tmp_path, model, processor))
+    folder = saved(tmp_path, model, processor)
+    from_folder = pipeline("visual-question-answering", model=folder, **VQA_CLASS)
     assert isinstance(from_folder.model, MPLUGForQuestionAnswering)
     assert from_folder(image, "what is the color of the cat", max_new_tokens=3)[0]["answer"] == result[0]["answer"]
-    assert pipeline("vqa", model=model, tokenizer=processor.tokenizer, image_processor=processor.image_processor)
+    if NATIVE_VQA:  # transformers' own pipeline drives the model too (answers without scores)
+        native = pipeline("visual-question-answering", model=folder, max_new_tokens=3)  # its default (256) > 40
+        assert type(native).__module__.startswith("transformers.pipelines")
+        assert native(image, "what is the color of the cat")[0]["answer"] == result[0]["answer"]
+    else:
+        assert isinstance(
+            pipeline("vqa", model=model, tokenizer=processor.tokenizer, image_processor=processor.image_processor),
+            MPLUGVisualQuestionAnsweringPipeline,
+        )
     with pytest.raises(ValueError, match="question"):
         vqa(image)
 
@@ -74,43 +91,44 @@ def test_vqa_pipeline_with_model_object_and_folder(tmp_path, processor, image):
 def test_captioning_pipeline(tmp_path, processor, image):
     torch.manual_seed(0)
     model = MPLUGForCaptioning(tiny_config()).eval()
-    captioner = pipeline("image-text-to-text", model=saved(tmp_path, model, processor))
+    folder = saved(tmp_path, model, processor)
+    captioner = pipeline("image-captioning", model=folder)
     assert isinstance(captioner, MPLUGImageCaptioningPipeline)
     caption = captioner(image, num_beams=2, min_new_tokens=2, max_new_tokens=4)
     expected = model.generate(**processor(images=image), num_beams=2, min_new_tokens=2, max_new_tokens=4)
     assert caption == [{"generated_text": processor.decode(expected[0])}]
     prompted = captioner(images=image, text="a cat", num_beams=1, min_new_tokens=1, max_new_tokens=2)
     assert prompted[0]["generated_text"].startswith("a cat")
-    direct = pipeline("image-text-to-text", model=model, processor=processor)
+    direct = pipeline("image-captioning", model=model, processor=processor)
     assert direct(image, num_beams=2, min_new_tokens=2, max_new_tokens=4) == caption
-    # "image-to-text" is an alias of "image-text-to-text" where transformers still knows the name; its deprecation
-    # notice passes a warning class to a logger call (a formatting error under pytest), so silence it
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    try:
-        legacy = pipeline("image-to-text", model=model, processor=processor)
-    except KeyError as error:
-        assert "Unknown task" in str(error) and transformers.__version__.startswith("5.2.")
-    else:
-        assert legacy(image, num_beams=2, min_new_tokens=2, max_new_tokens=4) == caption
-    finally:
-        transformers.logging.set_verbosity(verbosity)
+    # transformers' own image-text-to-text pipeline drives the captioner with a prompt
+    native = pipeline("image-text-to-text", model=folder)
+    assert type(native).__module__.startswith("transformers.pipelines")
+    settings = dict(num_beams=1, min_new_tokens=1, max_new_tokens=2)
+    assert (
+        native(images=image, text="a cat", generate_kwargs=settings)[0]["generated_text"]
+        == prompted[0]["generated_text"]
+    )
 
 
 def test_zero_shot_pipeline(tmp_path, processor, image):
     torch.manual_seed(0)
     model = MPLUGForRetrieval(tiny_config(projection_dim=16)).eval()
-    classifier = pipeline("zero-shot-image-classification", model=saved(tmp_path, model, processor))
-    assert isinstance(classifier, MPLUGZeroShotImageClassificationPipeline)
-    result = classifier(image, candidate_labels=["cat", "dog", "two cat"])
-    assert [r["label"] for r in result] and sum(r["score"] for r in result) == pytest.approx(1.0, abs=1e-5)
-    texts = processor.encode_text([f"a picture of {label}." for label in ["cat", "dog", "two cat"]])
+    folder = saved(tmp_path, model, processor)
+    labels = ["cat", "dog", "two cat"]
+    texts = processor.encode_text([f"a picture of {label}." for label in labels])
     with torch.no_grad():
         sims = model.get_image_features(**processor(images=image)) @ model.get_text_features(**texts).t()
-    expected = (sims[0] / model.temp).softmax(-1)
-    assert {r["label"]: r["score"] for r in result} == pytest.approx(
-        dict(zip(["cat", "dog", "two cat"], expected.tolist())), abs=1e-5
+    expected = dict(zip(labels, (sims[0] / model.temp).softmax(-1).tolist()))
+    native = pipeline("zero-shot-image-classification", model=folder)  # transformers' own class
+    assert type(native) is transformers.ZeroShotImageClassificationPipeline
+    result = native(image, candidate_labels=labels, hypothesis_template="a picture of {}.")
+    assert {r["label"]: r["score"] for r in result} == pytest.approx(expected, abs=1e-5)
+    classifier = pipeline(
+        "zero-shot-image-classification", model=folder, pipeline_class=MPLUGZeroShotImageClassificationPipeline
     )
+    result = classifier(image, candidate_labels=labels)
+    assert {r["label"]: r["score"] for r in result} == pytest.approx(expected, abs=1e-5)
     itm = classifier(image, candidate_labels=["cat", "dog"], use_itm=True)
     assert len(itm) == 2 and sum(r["score"] for r in itm) == pytest.approx(1.0, abs=1e-5)
 
@@ -172,7 +190,68 @@ def test_wrong_mplug_head_for_a_task_is_rejected(processor):
             model=MPLUGForCaptioning(tiny_config()),
             tokenizer=processor.tokenizer,
             image_processor=processor.image_processor,
+            **VQA_CLASS,
         )
+
+
+@pytest.mark.skipif(NATIVE_VQA, reason="transformers has its own visual-question-answering pipeline here")
+def test_other_models_still_get_transformers_removal_notice_for_vqa(processor):
+    from transformers import BlipConfig, BlipForQuestionAnswering
+
+    config = BlipConfig(
+        text_config=dict(
+            vocab_size=128, hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=16,
+        ),
+    )
+    with pytest.raises(
+        TypeError, match="BlipForQuestionAnswering.*transformers removed the 'visual-question-answering'"
+    ):
+        pipeline(
+            "visual-question-answering",
+            model=BlipForQuestionAnswering(config),
+            tokenizer=processor.tokenizer,
+            image_processor=processor.image_processor,
+        )
+
+
+def test_importing_the_package_leaves_transformers_pipelines_as_they_were():
+    script = """
+import json, transformers
+from transformers import pipelines
+from transformers.pipelines import PIPELINE_REGISTRY
+REMOVED_TASKS = getattr(pipelines, "REMOVED_TASKS", {})
+before = {task: (entry["impl"], tuple(entry.get("pt", ()))) for task, entry in PIPELINE_REGISTRY.supported_tasks.items()}
+aliases, removed = dict(PIPELINE_REGISTRY.task_aliases), dict(REMOVED_TASKS)
+import transformers_mplug
+after = PIPELINE_REGISTRY.supported_tasks
+changed = [task for task, (impl, pt) in before.items() if after[task]["impl"] is not impl or tuple(after[task].get("pt", ())) != pt]
+print(json.dumps({
+    "changed": changed,
+    "added": sorted(set(after) - set(before)),
+    "aliases_changed": [a for a, t in aliases.items() if PIPELINE_REGISTRY.task_aliases.get(a) != t],
+    "aliases_added": sorted(set(PIPELINE_REGISTRY.task_aliases) - set(aliases)),
+    "removed_lifted": sorted(set(removed) - set(REMOVED_TASKS)),
+    "native_vqa": "visual-question-answering" in before,
+}))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["changed"] == [] and report["aliases_changed"] == []
+    if report["native_vqa"]:
+        assert report["added"] == ["image-captioning", "visual-grounding"]
+        assert report["aliases_added"] == [] and report["removed_lifted"] == []
+    else:  # transformers >= 5.3: the removed task comes back for mPLUG models only
+        assert report["added"] == ["image-captioning", "visual-grounding", "visual-question-answering"]
+        assert report["aliases_added"] == ["vqa"] and report["removed_lifted"] == ["visual-question-answering", "vqa"]
 
 
 @pytest.mark.skipif(transformers.__version__.startswith("5.2."), reason="already running on transformers 5.2.x")

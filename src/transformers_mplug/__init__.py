@@ -1,6 +1,7 @@
 """mPLUG (Li et al., 2022) for Hugging Face transformers.
 
-Importing the package registers `"mplug"` with `AutoConfig`, `AutoModel`, `AutoImageProcessor` and `AutoProcessor`.
+Importing the package registers `"mplug"` with `AutoConfig`, `AutoModel`, `AutoTokenizer`, `AutoImageProcessor` and
+`AutoProcessor`, and adds its pipelines (see `transformers_mplug.pipelines`).
 """
 
 from transformers import (
@@ -10,7 +11,6 @@ from transformers import (
     AutoModelForPreTraining,
     AutoProcessor,
     AutoTokenizer,
-    BertTokenizer,
 )
 
 from .configuration_mplug import MPLUGConfig
@@ -40,6 +40,7 @@ from .pipelines import (
     register_pipelines,
 )
 from .processing_mplug import MPLUGProcessor
+from .tokenization_mplug import MPLUGTokenizer
 from .training import MPLUGMomentumCallback, original_hypothesis_scores, self_critical_loss
 from .video_utils import sample_frame_indices, sample_video_frames
 
@@ -49,7 +50,7 @@ AutoConfig.register("mplug", MPLUGConfig, exist_ok=True)
 AutoModel.register(MPLUGConfig, MPLUGModel, exist_ok=True)
 AutoModelForPreTraining.register(MPLUGConfig, MPLUGForPreTraining, exist_ok=True)
 AutoImageProcessor.register(MPLUGConfig, slow_image_processor_class=MPLUGImageProcessor, exist_ok=True)
-AutoTokenizer.register(MPLUGConfig, fast_tokenizer_class=BertTokenizer, exist_ok=True)
+AutoTokenizer.register(MPLUGConfig, fast_tokenizer_class=MPLUGTokenizer, exist_ok=True)
 AutoProcessor.register(MPLUGConfig, MPLUGProcessor, exist_ok=True)
 register_pipelines()
 
@@ -81,6 +82,7 @@ def register_remote_code(model_class: type = MPLUGModel) -> None:
     MPLUGConfig.register_for_auto_class()
     model_class.register_for_auto_class(_REMOTE_AUTO_CLASSES[model_class.__name__])
     MPLUGImageProcessor.register_for_auto_class("AutoImageProcessor")
+    MPLUGTokenizer.register_for_auto_class("AutoTokenizer")
     MPLUGProcessor.register_for_auto_class("AutoProcessor")
 
 
@@ -117,4 +119,5 @@ __all__ = [
     "MPLUGPreTrainedModel",
     "MPLUGPreTrainingOutput",
     "MPLUGProcessor",
+    "MPLUGTokenizer",
 ]

@@ -1295,7 +1295,7 @@ class MPLUGForCaptioning(MPLUGDecoderHeadMixin, MPLUGPreTrainedModel, Generation
 @dataclass
 class MPLUGRetrievalOutput(ModelOutput):
     r"""
-    Output of [`MPLUGForRetrieval`]'s training forward.
+    Output of [`MPLUGForRetrieval.forward`]: the training losses, or (inference) the ITC logits as CLIP's.
 
     Args:
         loss (`torch.FloatTensor` of shape `()`): `loss_itc + loss_itm`.
@@ -1308,11 +1308,17 @@ class MPLUGRetrievalOutput(ModelOutput):
         itm_logits (`torch.FloatTensor` of shape `(3 * batch_size, 2)`): ITM logits of [positives; negatives].
         negative_image_indices (`torch.LongTensor` of shape `(batch_size,)`): hard-negative image of each text.
         negative_text_indices (`torch.LongTensor` of shape `(batch_size,)`): hard-negative text of each image.
+        logits_per_image (`torch.FloatTensor` of shape `(num_images, num_texts)`):
+            Inference: ITC similarities of every image with every text divided by the temperature (as CLIP's; a
+            softmax over the texts gives the zero-shot label probabilities).
+        logits_per_text (`torch.FloatTensor` of shape `(num_texts, num_images)`): its transpose.
     """
 
     loss: torch.FloatTensor | None = None
     loss_itc: torch.FloatTensor | None = None
     loss_itm: torch.FloatTensor | None = None
+    logits_per_image: torch.FloatTensor | None = None
+    logits_per_text: torch.FloatTensor | None = None
     image_features: torch.FloatTensor | None = None
     text_features: torch.FloatTensor | None = None
     similarity_i2t: torch.FloatTensor | None = None
@@ -1590,12 +1596,22 @@ class MPLUGForRetrieval(MPLUGPreTrainedModel):
         alpha: float = 0.0,
         negative_image_indices: torch.Tensor | None = None,
         negative_text_indices: torch.Tensor | None = None,
+        return_loss: bool | None = None,
+        use_itm_head: bool = False,
         return_dict: bool | None = None,
         **kwargs,
     ) -> MPLUGRetrievalOutput | tuple:
         r"""
-        Training step of the original retrieval fine-tuning: `loss = loss_itc + loss_itm`. See [`itc_loss`] and
-        [`itm_loss`] for `idx`, the momentum/queue arguments and the negatives.
+        Two uses, as CLIP's and BLIP's retrieval models:
+
+        - **Inference** (`return_loss=False`, or `None` in eval mode without training arguments): `logits_per_image`
+          `(num_images, num_texts)` and `logits_per_text`, the ITC similarities of every image with every text over
+          the temperature, with the normalised `image_features`/`text_features`; transformers'
+          `zero-shot-image-classification` pipeline reads them. With `use_itm_head=True`, `itm_logits` `(B, 2)`
+          are the ITM logits of the pairs (image `b`, text `b`) (`[:, 1]` = match), as [`match_pairs`].
+        - **Training** (`return_loss=True`, or `None` in training mode or with any of `idx`, the momentum/queue
+          arguments or the negatives): the original fine-tuning step, `loss = loss_itc + loss_itm`. See
+          [`itc_loss`] and [`itm_loss`] for those arguments.
         """
         kwargs.pop("token_type_ids", None)
         if kwargs:
@@ -1605,6 +1621,25 @@ class MPLUGForRetrieval(MPLUGPreTrainedModel):
             raise ValueError("`input_ids` (the captions from the processor) is required.")
         attention_mask = _text_attention_mask(input_ids, attention_mask, self.config.pad_token_id)
         image_embeds = self._image_embeds(pixel_values, image_embeds)
+        training_arguments = (
+            idx,
+            image_features_m,
+            text_features_m,
+            image_queue,
+            text_queue,
+            idx_queue,
+            negative_image_indices,
+            negative_text_indices,
+        )
+        if return_loss is None:
+            return_loss = self.training or any(argument is not None for argument in training_arguments)
+        if not return_loss:
+            if any(argument is not None for argument in training_arguments):
+                raise ValueError("`return_loss=False` (inference) takes no training arguments (`idx`, queues, ...).")
+            output = self._inference_logits(image_embeds, input_ids, attention_mask, use_itm_head)
+            return output if return_dict else output.to_tuple()
+        if use_itm_head:
+            raise ValueError("`use_itm_head=True` is an inference option; pass `return_loss=False` with it.")
         if image_embeds.shape[0] != input_ids.shape[0]:
             raise ValueError(f"Batch size mismatch: {image_embeds.shape[0]} images but {input_ids.shape[0]} texts.")
         if input_ids.shape[0] < 2:
@@ -1646,6 +1681,27 @@ class MPLUGForRetrieval(MPLUGPreTrainedModel):
             negative_text_indices=neg_texts,
         )
         return output if return_dict else output.to_tuple()
+
+    def _inference_logits(
+        self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, use_itm_head: bool
+    ) -> MPLUGRetrievalOutput:
+        if use_itm_head:
+            if image_embeds.shape[0] != input_ids.shape[0]:
+                raise ValueError(
+                    f"`use_itm_head=True` scores pairs (image b, text b): got {image_embeds.shape[0]} images and "
+                    f"{input_ids.shape[0]} texts; repeat them into pairs, or use `retrieve` for a gallery."
+                )
+            itm_logits = self.match_pairs(input_ids=input_ids, attention_mask=attention_mask, image_embeds=image_embeds)
+            return MPLUGRetrievalOutput(itm_logits=itm_logits)
+        image_features = self.get_image_features(image_embeds=image_embeds)
+        text_features = self.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
+        logits_per_image = image_features @ text_features.t() / self.temp
+        return MPLUGRetrievalOutput(
+            logits_per_image=logits_per_image,
+            logits_per_text=logits_per_image.t(),
+            image_features=image_features,
+            text_features=text_features,
+        )
 
     # ------------------------------------------------------------------------------------------- corpus retrieval
     @torch.no_grad()

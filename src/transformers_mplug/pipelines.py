@@ -1,23 +1,26 @@
-"""`transformers.pipeline(...)` support for mPLUG models.
+"""`transformers.pipeline(...)` support for mPLUG models, leaving transformers' own pipelines as they are.
 
-Importing `transformers_mplug` registers:
+Importing `transformers_mplug` adds, through transformers' public `PIPELINE_REGISTRY.register_pipeline`:
 
-- `"visual-question-answering"` -> [`MPLUGVisualQuestionAnsweringPipeline`]: `[{"answer", "score"}]`. transformers
-  5.3+ removed this task; the package registers it again (and lifts the removal notice for it). For other models on
-  transformers versions that still have the task, the native pipeline is used unchanged.
-- `"image-text-to-text"` (and its alias `"image-to-text"`) -> [`MPLUGImageCaptioningPipeline`] for
-  [`MPLUGForCaptioning`]: `[{"generated_text"}]`, optional text prompt.
-- `"zero-shot-image-classification"` -> [`MPLUGZeroShotImageClassificationPipeline`] for [`MPLUGForRetrieval`]:
-  ITC scores over the candidate labels, optionally re-ranked by ITM.
-- `"visual-grounding"` (new) -> [`MPLUGVisualGroundingPipeline`] for [`MPLUGForGrounding`]: the box of a phrase,
-  in pixels of the original image, with a score.
+- `"visual-grounding"` (new) -> [`MPLUGVisualGroundingPipeline`] for [`MPLUGForGrounding`]: the box of a phrase, in
+  pixels of the original image, with a score.
+- `"image-captioning"` (new) -> [`MPLUGImageCaptioningPipeline`] for [`MPLUGForCaptioning`]: `[{"generated_text"}]`,
+  optional text prompt. transformers' own `"image-text-to-text"` pipeline also drives the captioner when a prompt
+  (`text=`) is given.
+- `"visual-question-answering"` (alias `"vqa"`) -> [`MPLUGVisualQuestionAnsweringPipeline`], only where transformers
+  no longer has the task (5.3+ removed it): the task is registered and its two removal notices are lifted; any model
+  other than mPLUG gets transformers' removal message, as before. Where transformers still has the task (5.2.x), its
+  own pipeline stays registered: pass `pipeline_class=MPLUGVisualQuestionAnsweringPipeline` for scores and
+  `candidate_answers`.
 
-For existing tasks, the registered class hands any non-mPLUG model to transformers' own pipeline class.
+`"zero-shot-image-classification"` is transformers' own pipeline: [`MPLUGForRetrieval`] returns `logits_per_image`
+as CLIP does. [`MPLUGZeroShotImageClassificationPipeline`] (`pipeline_class=`) adds the ITM re-ranking option.
+The auto classes gain `MPLUGConfig` entries only (`AutoModelForVisualQuestionAnswering`, `AutoModelForImageTextToText`,
+`AutoModelForZeroShotImageClassification`).
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 import torch
@@ -44,38 +47,26 @@ from .processing_mplug import MPLUGProcessor
 logger = logging.get_logger(__name__)
 
 
-def _native_pipeline_class(task: str) -> type | None:
-    """The pipeline class transformers registers for `task` (None when the task does not exist)."""
-    impl = PIPELINE_REGISTRY.supported_tasks.get(task, {}).get("impl")
-    if isinstance(impl, str):  # newer releases register import paths
-        module, name = impl.rsplit(".", 1)
-        impl = getattr(importlib.import_module(module), name)
-    if isinstance(impl, type) and issubclass(impl, _MPLUGPipelineMixin):
-        return impl._native_class
-    return impl
-
-
 class _MPLUGPipelineMixin:
     """Dispatch: non-mPLUG models get transformers' own pipeline for the task; mPLUG models get this class."""
 
-    _native_class: type | None = None
     _model_class: type = MPLUGPreTrainedModel
     _task_name: str = ""
+    _other_models_message: str = ""  # transformers' own notice for a task it removed
 
-    def __new__(cls, *args: Any, **kwargs: Any):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         model = kwargs.get("model", args[0] if args else None)
-        if not isinstance(model, cls._model_class):
+        if not isinstance(model, self._model_class):
             if isinstance(model, MPLUGPreTrainedModel):
                 raise TypeError(
-                    f"The {cls._task_name!r} pipeline needs a {cls._model_class.__name__}, got {type(model).__name__}."
+                    f"The {self._task_name!r} pipeline needs a {self._model_class.__name__}, got {type(model).__name__}."
                 )
-            if cls._native_class is None:
-                raise TypeError(
-                    f"This {cls._task_name!r} pipeline is provided by transformers_mplug for mPLUG models only; "
-                    f"got {type(model).__name__}."
-                )
-            return cls._native_class(*args, **kwargs)
-        return super().__new__(cls)
+            notice = f" {self._other_models_message}" if self._other_models_message else ""
+            raise TypeError(
+                f"{type(self).__name__} ({self._task_name!r}) is transformers_mplug's pipeline for mPLUG models; got "
+                f"{type(model).__name__}.{notice}"
+            )
+        super().__init__(*args, **kwargs)
 
     def _mplug_processor(self) -> MPLUGProcessor:
         """The pipeline's `MPLUGProcessor` (given, or built from the loaded tokenizer and image processor), checked
@@ -209,12 +200,12 @@ class MPLUGVisualQuestionAnsweringPipeline(_MPLUGPipelineMixin, Pipeline):
 
 class MPLUGImageCaptioningPipeline(_MPLUGPipelineMixin, Pipeline):
     r"""
-    Image captioning with [`MPLUGForCaptioning`] under `"image-text-to-text"`: `captioner(image, text=None)` ->
+    Image captioning with [`MPLUGForCaptioning`] (task `"image-captioning"`): `captioner(image, text=None)` ->
     `[{"generated_text": caption}]`; `text` is an optional prompt (e.g. `"a picture of"`), kept in the caption.
     """
 
     _model_class = MPLUGForCaptioning
-    _task_name = "image-text-to-text"
+    _task_name = "image-captioning"
     _load_processor = True
     _load_image_processor = False
     _load_feature_extractor = False
@@ -269,7 +260,10 @@ class MPLUGImageCaptioningPipeline(_MPLUGPipelineMixin, Pipeline):
 
 class MPLUGZeroShotImageClassificationPipeline(_MPLUGPipelineMixin, Pipeline):
     r"""
-    Zero-shot image classification with [`MPLUGForRetrieval`]: `classifier(image, candidate_labels=[...],
+    Zero-shot image classification with [`MPLUGForRetrieval`], with an ITM option (transformers' own
+    `"zero-shot-image-classification"` pipeline gives the ITC scores; use this one through
+    `pipeline("zero-shot-image-classification", model=..., pipeline_class=MPLUGZeroShotImageClassificationPipeline)`):
+    `classifier(image, candidate_labels=[...],
     hypothesis_template="a picture of {}.")` -> `[{"label", "score"}]`, scores = softmax over the labels of the ITC
     similarity / temperature; `use_itm=True` uses the ITM match logits of (image, hypothesis) pairs instead.
     """
@@ -377,42 +371,38 @@ class MPLUGVisualGroundingPipeline(_MPLUGPipelineMixin, Pipeline):
 
 
 def register_pipelines() -> None:
-    """Register the mPLUG pipelines and auto-model mappings with transformers (called on import)."""
+    """Register the mPLUG pipelines and auto-model entries with transformers (called on import; see the module
+    docstring for what is and is not touched)."""
     from transformers import pipelines as transformers_pipelines
 
     AutoModelForVisualQuestionAnswering.register(MPLUGConfig, MPLUGForQuestionAnswering, exist_ok=True)
     AutoModelForImageTextToText.register(MPLUGConfig, MPLUGForCaptioning, exist_ok=True)
     AutoModelForZeroShotImageClassification.register(MPLUGConfig, MPLUGForRetrieval, exist_ok=True)
 
-    removed = getattr(transformers_pipelines, "REMOVED_TASKS", {})
-    for task in ("visual-question-answering", "vqa"):
-        removed.pop(task, None)  # transformers >= 5.3 removed the task; this package provides it again
-    aliases = PIPELINE_REGISTRY.task_aliases
-    aliases.setdefault("vqa", "visual-question-answering")
-
-    entries = (
-        ("visual-question-answering", MPLUGVisualQuestionAnsweringPipeline, AutoModelForVisualQuestionAnswering),
-        ("image-text-to-text", MPLUGImageCaptioningPipeline, AutoModelForImageTextToText),
-        (
-            "zero-shot-image-classification",
-            MPLUGZeroShotImageClassificationPipeline,
-            AutoModelForZeroShotImageClassification,
-        ),
+    entries = [
         ("visual-grounding", MPLUGVisualGroundingPipeline, MPLUGForGrounding),
-    )
+        ("image-captioning", MPLUGImageCaptioningPipeline, AutoModelForImageTextToText),
+    ]
+    removed = getattr(transformers_pipelines, "REMOVED_TASKS", {})
+    vqa = "visual-question-answering"
+    if vqa not in PIPELINE_REGISTRY.supported_tasks:  # transformers >= 5.3 removed the task
+        notice = removed.pop(vqa, None)
+        removed.pop("vqa", None)
+        if notice and not MPLUGVisualQuestionAnsweringPipeline._other_models_message:
+            MPLUGVisualQuestionAnsweringPipeline._other_models_message = (
+                f"transformers removed the {vqa!r} task for other models: {notice}"
+            )
+        PIPELINE_REGISTRY.task_aliases.setdefault("vqa", vqa)
+        entries.append((vqa, MPLUGVisualQuestionAnsweringPipeline, AutoModelForVisualQuestionAnswering))
     for task, pipeline_class, model_class in entries:
         current = PIPELINE_REGISTRY.supported_tasks.get(task)
-        if current is not None and current.get("impl") is pipeline_class:
+        if current is not None:
+            if current.get("impl") is not pipeline_class:
+                logger.warning("transformers already has a %r pipeline; transformers_mplug leaves it in place.", task)
             continue
-        pipeline_class._native_class = _native_pipeline_class(task)
-        default = current.get("default") if current else None
-        pt_models = current.get("pt") if current else (model_class,)
-        if model_class not in pt_models:
-            pt_models = (*pt_models, model_class)
-        entry = {"impl": pipeline_class, "pt": tuple(pt_models), "type": "multimodal"}
-        if default is not None:
-            entry["default"] = default
-        PIPELINE_REGISTRY.supported_tasks[task] = entry
+        PIPELINE_REGISTRY.register_pipeline(
+            task, pipeline_class=pipeline_class, pt_model=model_class, type="multimodal"
+        )
 
 
 __all__ = [

@@ -12,6 +12,7 @@ from transformers.image_processing_base import ImageProcessingMixin
 from transformers.utils import logging
 
 from .image_processing_mplug import MPLUGImageProcessor
+from .tokenization_mplug import MPLUGTokenizer
 
 logger = logging.get_logger(__name__)
 
@@ -25,6 +26,22 @@ def load_vocab(vocab_file: str | os.PathLike) -> dict[str, int]:
     if not vocab:
         raise ValueError(f"`vocab_file` {vocab_file} is empty.")
     return vocab
+
+
+def _as_mplug_tokenizer(tokenizer: BertTokenizer) -> MPLUGTokenizer:
+    """The same WordPiece vocabulary and settings as an [`MPLUGTokenizer`] (which carries mPLUG's token contract)."""
+    return MPLUGTokenizer(
+        vocab=dict(sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])),
+        do_lower_case=getattr(tokenizer, "do_lower_case", True),
+        tokenize_chinese_chars=getattr(tokenizer, "tokenize_chinese_chars", True),
+        strip_accents=getattr(tokenizer, "strip_accents", None),
+        model_max_length=tokenizer.model_max_length,
+        unk_token=tokenizer.unk_token,
+        sep_token=tokenizer.sep_token,
+        pad_token=tokenizer.pad_token,
+        cls_token=tokenizer.cls_token,
+        mask_token=tokenizer.mask_token,
+    )
 
 
 class MPLUGProcessor(ProcessorMixin):
@@ -82,6 +99,8 @@ class MPLUGProcessor(ProcessorMixin):
                 "vocabulary file (`tokenizer.json` or `vocab.txt`) was not loaded. Load the processor from a folder "
                 "that has it, or build it with `MPLUGProcessor.from_vocab_file`."
             )
+        if type(tokenizer).__name__ != "MPLUGTokenizer":  # e.g. a folder saved with a BertTokenizer: same vocabulary
+            tokenizer = _as_mplug_tokenizer(tokenizer)
         if not isinstance(num_coordinate_bins, int) or num_coordinate_bins < 2:
             raise ValueError(f"`num_coordinate_bins` must be an int >= 2, got {num_coordinate_bins!r}.")
         self.coordinate_start_token = coordinate_start_token
@@ -94,7 +113,7 @@ class MPLUGProcessor(ProcessorMixin):
     ) -> MPLUGProcessor:
         """Build a processor from a WordPiece `vocab.txt` (lower-casing, as bert-base-uncased) and a resolution;
         `model_max_length` is the text encoder's positions (texts longer than it are truncated by default)."""
-        tokenizer = BertTokenizer(vocab=load_vocab(vocab_file), do_lower_case=True, model_max_length=model_max_length)
+        tokenizer = MPLUGTokenizer(vocab=load_vocab(vocab_file), do_lower_case=True, model_max_length=model_max_length)
         image_processor = MPLUGImageProcessor(size={"height": image_size, "width": image_size}, **image_kwargs)
         return cls(image_processor=image_processor, tokenizer=tokenizer)
 
@@ -157,9 +176,8 @@ class MPLUGProcessor(ProcessorMixin):
                 raise ValueError("`truncation=True` needs `max_length` (the tokenizer sets no `model_max_length`).")
         else:
             cut = None
-        pieces = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        cls_id, sep_id = self.tokenizer.cls_token_id, self.tokenizer.sep_token_id
-        ids = [[cls_id, *p, sep_id] if add_eos else [cls_id, *p] for p in pieces]
+        # the tokenizer's post-processor adds the special tokens (MPLUGTokenizer: `[CLS] text`, targets + `[SEP]`)
+        ids = (self.tokenizer(text_target=texts) if add_eos else self.tokenizer(texts))["input_ids"]
         if cut is not None:
             ids = [seq[:cut] for seq in ids]
         return self._pad(ids, padding, max_length, return_tensors)
@@ -269,6 +287,7 @@ class MPLUGProcessor(ProcessorMixin):
         return self.tokenizer(
             first,
             second,
+            return_token_type_ids=True,
             padding=padding,
             truncation=True if truncation is None else truncation,  # by default: at `model_max_length`
             max_length=max_length,

@@ -1,0 +1,173 @@
+"""transformers conventions: the saved tokenizer carries the token contract; retrieval returns CLIP-style logits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer, BertTokenizer
+
+from transformers_mplug import MPLUGForRetrieval, MPLUGProcessor, MPLUGTokenizer
+
+from .conftest import TINY_WORDS, tiny_config, tiny_inputs
+
+QUESTIONS = ["what is the color of the cat", "how many dogs"]
+
+
+def test_the_saved_tokenizer_gives_the_token_contract_by_itself(processor, tmp_path):
+    processor.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "tokenizer_config.json").read_text())["tokenizer_class"] == "MPLUGTokenizer"
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    assert isinstance(tokenizer, MPLUGTokenizer)
+    cls_id, sep_id, cat = (tokenizer.convert_tokens_to_ids(t) for t in ("[CLS]", "[SEP]", "cat"))
+    assert tokenizer("a cat")["input_ids"] == [cls_id, tokenizer.convert_tokens_to_ids("a"), cat]  # no [SEP]
+    assert tokenizer(text_target="cat")["input_ids"] == [cls_id, cat, sep_id]
+    assert tokenizer("cat", "cat")["input_ids"] == [cls_id, cat, sep_id, cat, sep_id]
+    assert set(tokenizer(QUESTIONS)) == {"input_ids", "attention_mask"}  # no token_type_ids
+    # the same ids as the processor, inputs and targets (the processor relies on this tokenizer)
+    batch = processor(text=QUESTIONS, text_target=["red", "two dogs"])
+    direct = tokenizer(QUESTIONS, text_target=["red", "two dogs"], padding=True, return_tensors="pt")
+    assert torch.equal(batch["input_ids"], direct["input_ids"])
+    assert torch.equal(batch["labels"], direct["labels"].masked_fill(direct["labels"] == tokenizer.pad_token_id, -100))
+    # truncation at model_max_length keeps [CLS] and the first pieces, as the processor does
+    short = MPLUGTokenizer(vocab=tokenizer.get_vocab(), model_max_length=4)
+    assert short("what is the color of the cat", truncation=True)["input_ids"] == tokenizer("what is the")["input_ids"]
+    assert tokenizer.decode(tokenizer(text_target="two cat")["input_ids"], skip_special_tokens=True) == "two cat"
+
+
+def test_a_folder_saved_with_a_bert_tokenizer_loads_with_the_contract(vocab_file, tmp_path):
+    from transformers_mplug import MPLUGImageProcessor
+
+    old = BertTokenizer(vocab=str(vocab_file), do_lower_case=True, model_max_length=40)
+    assert old("cat")["input_ids"][-1] == old.sep_token_id  # BERT's own template ends with [SEP]
+    MPLUGProcessor(MPLUGImageProcessor(size={"height": 32, "width": 32}), old).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config["tokenizer_class"] = "BertTokenizer"  # as folders written before MPLUGTokenizer
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    assert type(AutoTokenizer.from_pretrained(tmp_path)) is BertTokenizer
+    processor = MPLUGProcessor.from_pretrained(tmp_path)
+    assert isinstance(processor.tokenizer, MPLUGTokenizer) and processor.tokenizer.model_max_length == 40
+    assert processor.tokenizer.get_vocab() == old.get_vocab()
+    cat = old.convert_tokens_to_ids("cat")
+    assert processor(text="cat")["input_ids"].tolist() == [[old.cls_token_id, cat]]
+    processor.save_pretrained(tmp_path / "resaved")
+    assert isinstance(AutoTokenizer.from_pretrained(tmp_path / "resaved"), MPLUGTokenizer)
+
+
+def test_vocabulary_fixture_matches_the_tiny_model():
+    assert 104 + len(TINY_WORDS) == tiny_config().text_config.vocab_size
+
+
+# ------------------------------------------------------------------------------------------------ retrieval
+@pytest.fixture(scope="module")
+def retrieval():
+    torch.manual_seed(0)
+    return MPLUGForRetrieval(tiny_config(projection_dim=16)).eval()
+
+
+def test_retrieval_forward_returns_clip_style_logits(retrieval):
+    inputs = tiny_inputs(retrieval.config, batch_size=3)
+    images = inputs["pixel_values"][:2]
+    with torch.no_grad():
+        out = retrieval(pixel_values=images, input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        image_features = retrieval.get_image_features(pixel_values=images)
+        text_features = retrieval.get_text_features(
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
+        )
+    assert out.loss is None and out.logits_per_image.shape == (2, 3)
+    torch.testing.assert_close(out.logits_per_image, image_features @ text_features.t() / retrieval.temp)
+    torch.testing.assert_close(out.logits_per_text, out.logits_per_image.t())
+    as_tuple = retrieval(
+        pixel_values=images, input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], return_dict=False
+    )
+    torch.testing.assert_close(as_tuple[0], out.logits_per_image)
+
+
+def test_retrieval_forward_itm_head_scores_pairs(retrieval):
+    inputs = tiny_inputs(retrieval.config, batch_size=3)
+    with torch.no_grad():
+        out = retrieval(**inputs, use_itm_head=True)
+        expected = retrieval.match_pairs(**inputs)
+    torch.testing.assert_close(out.itm_logits, expected)
+    with pytest.raises(ValueError, match="scores pairs"):
+        retrieval(pixel_values=inputs["pixel_values"][:2], input_ids=inputs["input_ids"], use_itm_head=True)
+
+
+def test_retrieval_forward_trains_in_training_mode_or_when_asked(retrieval):
+    inputs = tiny_inputs(retrieval.config, batch_size=3)
+    with torch.no_grad():
+        asked = retrieval(**inputs, return_loss=True)
+        with_idx = retrieval(**inputs, idx=torch.arange(3))
+    assert asked.loss is not None and asked.logits_per_image is None and with_idx.loss is not None
+    retrieval.train()
+    try:
+        with torch.no_grad():
+            assert retrieval(**inputs).loss is not None
+    finally:
+        retrieval.eval()
+    with pytest.raises(ValueError, match="no training arguments"):
+        retrieval(**inputs, idx=torch.arange(3), return_loss=False)
+    with pytest.raises(ValueError, match="inference option"):
+        retrieval(**inputs, return_loss=True, use_itm_head=True)
+
+
+# ------------------------------------------------------------------------------------------------ old folders
+BEFORE_CONVENTIONS = (
+    "d2d3d538dacde6a5a0136b3696c44d34cb04ab8c"  # the last commit before MPLUGTokenizer and CLIP-style retrieval outputs
+)
+
+
+def test_folders_saved_before_the_conventions_change_load(tmp_path, vocab_file):
+    """A VQA and a retrieval folder written by the package at BEFORE_CONVENTIONS load and give the same outputs."""
+    import subprocess
+    import sys
+
+    from .conftest import REPO_ROOT
+
+    old_tree = tmp_path / "old"
+    archive = subprocess.run(
+        ["git", "-C", str(REPO_ROOT), "archive", BEFORE_CONVENTIONS, "src", "tests/conftest.py", "tests/__init__.py"],
+        capture_output=True,
+    )
+    if archive.returncode != 0:
+        pytest.skip(f"commit {BEFORE_CONVENTIONS} is not in this clone's history (a shallow clone?)")
+    old_tree.mkdir()
+    subprocess.run(["tar", "-x", "-C", str(old_tree)], input=archive.stdout, check=True)
+    script = f"""
+import sys, torch
+sys.path.insert(0, {str(old_tree / "src")!r}); sys.path.insert(0, {str(old_tree)!r})
+import transformers_mplug
+assert transformers_mplug.__file__.startswith({str(old_tree)!r})
+from transformers_mplug import MPLUGForQuestionAnswering, MPLUGForRetrieval, MPLUGProcessor
+from tests.conftest import tiny_config
+processor = MPLUGProcessor.from_vocab_file({str(vocab_file)!r}, image_size=32, model_max_length=40)
+torch.manual_seed(0)
+inputs = processor(images=[torch.rand(3, 32, 32)] * 2, text=["what is the cat", "how many dogs"])
+for name, head in (("qa", MPLUGForQuestionAnswering), ("retrieval", MPLUGForRetrieval)):
+    model = head(tiny_config(projection_dim=16)).eval()
+    model.save_pretrained({str(tmp_path)!r} + "/" + name)
+    processor.save_pretrained({str(tmp_path)!r} + "/" + name)
+    with torch.no_grad():
+        if name == "qa":
+            expected = model.generate(**inputs, num_beams=2, max_new_tokens=4)
+        else:
+            expected = model.get_image_features(pixel_values=inputs["pixel_values"]) @ model.get_text_features(
+                input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).t()
+    torch.save({{"inputs": dict(inputs), "expected": expected}}, {str(tmp_path)!r} + f"/{{name}}.pt")
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    from transformers_mplug import MPLUGForQuestionAnswering
+
+    qa = MPLUGForQuestionAnswering.from_pretrained(tmp_path / "qa").eval()
+    saved = torch.load(tmp_path / "qa.pt", weights_only=True)
+    processor = MPLUGProcessor.from_pretrained(tmp_path / "qa")
+    assert torch.equal(processor(text=["what is the cat", "how many dogs"])["input_ids"], saved["inputs"]["input_ids"])
+    with torch.no_grad():
+        assert torch.equal(qa.generate(**saved["inputs"], num_beams=2, max_new_tokens=4), saved["expected"])
+    retrieval = MPLUGForRetrieval.from_pretrained(tmp_path / "retrieval").eval()
+    saved = torch.load(tmp_path / "retrieval.pt", weights_only=True)
+    with torch.no_grad():
+        logits = retrieval(**saved["inputs"]).logits_per_image
+    torch.testing.assert_close(logits * retrieval.temp, saved["expected"])
