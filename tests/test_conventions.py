@@ -171,3 +171,161 @@ for name, head in (("qa", MPLUGForQuestionAnswering), ("retrieval", MPLUGForRetr
     with torch.no_grad():
         logits = retrieval(**saved["inputs"]).logits_per_image
     torch.testing.assert_close(logits * retrieval.temp, saved["expected"])
+
+
+# ------------------------------------------------------------------------------------------------ recorded outputs
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_trunk_records_every_stage(attn_implementation):
+    from transformers_mplug import MPLUGModel
+
+    torch.manual_seed(0)
+    model = MPLUGModel(tiny_config(attn_implementation=attn_implementation)).eval()
+    inputs = tiny_inputs(model.config)
+    with torch.no_grad():
+        plain = model(**inputs)
+        out = model(**inputs, output_hidden_states=True, output_attentions=True)
+        again = model(**inputs, output_hidden_states=True)  # hooks are installed once
+    assert plain.vision_hidden_states is None and plain.fusion_attentions is None
+    torch.testing.assert_close(out.last_hidden_state, plain.last_hidden_state, atol=0, rtol=0)
+    config = model.config
+    assert (
+        len(out.vision_hidden_states) == config.vision_config.num_hidden_layers + 1 == len(again.vision_hidden_states)
+    )
+    post = model.vision_model.post_layernorm(out.vision_hidden_states[-1])
+    torch.testing.assert_close(post, out.vision_last_hidden_state)
+    assert len(out.text_hidden_states) == config.text_config.num_hidden_layers + 1
+    torch.testing.assert_close(out.text_hidden_states[-1], out.text_embeds)
+    layers = len(config.cross_modal_layer_types)
+    assert len(out.fusion_text_hidden_states) == len(out.fusion_image_hidden_states) == layers
+    torch.testing.assert_close(out.fusion_text_hidden_states[-1], out.fused_text_embeds)
+    torch.testing.assert_close(out.fusion_image_hidden_states[-1], out.fused_image_embeds)
+    if attn_implementation == "eager":
+        batch, heads = inputs["input_ids"].shape[0], config.text_config.num_attention_heads
+        tokens, length = out.image_embeds.shape[1], inputs["input_ids"].shape[1]
+        assert [tuple(a.shape) for a in out.fusion_attentions] == [
+            (batch, heads, length, length)
+            if kind == "co_attention"
+            else (batch, heads, tokens + length, tokens + length)
+            for kind in config.cross_modal_layer_types
+        ]
+        co_attention = config.cross_modal_layer_types.count("co_attention")
+        assert [tuple(a.shape) for a in out.fusion_cross_attentions] == [(batch, heads, length, tokens)] * co_attention
+        assert len(out.vision_attentions) == config.vision_config.num_hidden_layers
+        assert len(out.text_attentions) == config.text_config.num_hidden_layers
+        torch.testing.assert_close(out.fusion_cross_attentions[0].sum(-1), torch.ones(batch, heads, length))
+    else:  # SDPA computes no weights: the tuples are empty
+        assert out.vision_attentions == () and out.fusion_attentions == () and out.text_attentions == ()
+    as_tuple = model(**inputs, output_hidden_states=True, return_dict=False)
+    assert len(as_tuple) == len(model(**inputs, return_dict=False)) + 4
+
+
+def _labels(input_ids):
+    return input_ids.masked_fill(input_ids == 0, -100)
+
+
+def test_every_head_accepts_output_hidden_states_and_attentions():
+    from transformers_mplug import (
+        MPLUGForCaptioning,
+        MPLUGForGrounding,
+        MPLUGForPreTraining,
+        MPLUGForQuestionAnswering,
+        MPLUGForVisualEntailment,
+        MPLUGForVisualReasoning,
+    )
+
+    config = tiny_config(
+        attn_implementation="eager",
+        projection_dim=16,
+        grounding_prefix_token_id=20,
+        coordinate_token_start_id=21,
+        num_coordinate_bins=33,
+        queue_size=4,
+    )
+    inputs = tiny_inputs(config)
+    pixel_values, ids, mask = inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"]
+    flags = dict(output_hidden_states=True, output_attentions=True)
+    torch.manual_seed(0)
+    cases = {
+        MPLUGForQuestionAnswering: dict(inputs, labels=_labels(ids)),
+        MPLUGForCaptioning: dict(pixel_values=pixel_values, labels=_labels(ids)),
+        MPLUGForVisualEntailment: dict(inputs, labels=torch.tensor([0, 1, 1])),
+        MPLUGForVisualReasoning: dict(
+            pixel_values=torch.stack([pixel_values, pixel_values.flip(0)], 1), input_ids=ids, attention_mask=mask
+        ),
+        MPLUGForGrounding: dict(inputs, boxes=torch.full((3, 4), 0.5)),
+        MPLUGForRetrieval: dict(inputs),
+    }
+    for head, head_inputs in cases.items():
+        model = head(config).eval()
+        with torch.no_grad():
+            plain = model(**head_inputs)
+            out = model(**head_inputs, **flags)
+        for name, value in plain.items():
+            if isinstance(value, torch.Tensor):
+                torch.testing.assert_close(out[name], value, atol=0, rtol=0, msg=f"{head.__name__}.{name}")
+        assert len(out.vision_hidden_states) == config.vision_config.num_hidden_layers + 1, head.__name__
+        assert len(out.vision_attentions) == config.vision_config.num_hidden_layers, head.__name__
+        if head is not MPLUGForCaptioning:
+            assert len(out.text_hidden_states) == config.text_config.num_hidden_layers + 1, head.__name__
+        if head in (MPLUGForQuestionAnswering, MPLUGForVisualEntailment, MPLUGForGrounding):
+            assert len(out.fusion_text_hidden_states) == len(config.cross_modal_layer_types), head.__name__
+        if head in (MPLUGForQuestionAnswering, MPLUGForCaptioning, MPLUGForGrounding):
+            assert len(out.decoder_hidden_states) == config.num_decoder_layers + 1, head.__name__
+            assert len(out.decoder_cross_attentions) == config.num_decoder_layers, head.__name__
+            memory = out.decoder_cross_attentions[0].shape[-1]
+            assert memory == (5 if head is MPLUGForCaptioning else 5 + ids.shape[1]), head.__name__
+    retrieval = MPLUGForRetrieval(config).eval()
+    with torch.no_grad():
+        itm = retrieval(**inputs, use_itm_head=True, **flags)
+    assert len(itm.fusion_text_hidden_states) == len(config.cross_modal_layer_types)
+    with pytest.raises(ValueError, match="training step runs several fused passes"):
+        retrieval(**inputs, return_loss=True, output_hidden_states=True)
+    with pytest.raises(ValueError, match="pass `boxes`"):
+        MPLUGForGrounding(config).eval()(**inputs, output_attentions=True)
+    with pytest.raises(ValueError, match="does not record"):
+        MPLUGForPreTraining(config)(**inputs, output_hidden_states=True)
+    with pytest.raises(TypeError, match="`output_hidden_states` must be True or False"):
+        retrieval(**inputs, output_hidden_states="yes")
+
+
+# ------------------------------------------------------------------------------------------------ resizing
+def test_resize_token_embeddings_covers_every_embedding_that_reads_the_ids():
+    from transformers_mplug import MPLUGForPreTraining, MPLUGForQuestionAnswering
+
+    torch.manual_seed(0)
+    for head in (MPLUGForQuestionAnswering, MPLUGForPreTraining, MPLUGForRetrieval):
+        model = head(tiny_config(projection_dim=16, queue_size=4)).eval()
+        before = {n: p.clone() for n, p in model.state_dict().items() if "word_embeddings" in n}
+        model.resize_token_embeddings(130, mean_resizing=False)
+        assert model.config.vocab_size == model.config.text_config.vocab_size == 130
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Embedding) and name.endswith("word_embeddings"):
+                assert module.num_embeddings == 130, (head.__name__, name)
+                torch.testing.assert_close(module.weight[:128], before[f"{name}.weight"], atol=0, rtol=0)
+            if hasattr(module, "config") and hasattr(module.config, "vocab_size"):
+                assert module.config.vocab_size == 130, (head.__name__, name)
+        inputs = tiny_inputs(model.config)
+        inputs["input_ids"][0, 1] = 129  # a new token in the text
+        with torch.no_grad():
+            if head is MPLUGForQuestionAnswering:
+                decoder = model.text_decoder
+                assert decoder.cls.predictions.decoder.weight is decoder.bert.embeddings.word_embeddings.weight
+                assert decoder.cls.predictions.bias.shape == (130,)
+                labels = torch.tensor([[101, 129, 102]] * 3)
+                assert model(**inputs, labels=labels).logits.shape[-1] == 130
+                assert model.generate(**inputs, num_beams=2, max_new_tokens=2).shape[0] == 3
+            elif head is MPLUGForRetrieval:
+                assert model(**inputs).logits_per_image.shape == (3, 3)
+            else:
+                mlm = model.mlm_head.predictions
+                assert mlm.decoder.weight is model.mplug.text_model.embeddings.word_embeddings.weight
+                assert mlm.bias.shape == (130,)
+
+
+@pytest.mark.parametrize("backend", ["flex_attention", "flash_attention_2"])
+def test_only_the_tested_attention_backends_are_declared(backend):
+    from transformers_mplug import MPLUGForQuestionAnswering
+
+    assert MPLUGForQuestionAnswering._supports_sdpa
+    with pytest.raises((ValueError, ImportError), match="(?i)flex|flash"):
+        MPLUGForQuestionAnswering(tiny_config(attn_implementation=backend))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import inspect
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -30,10 +31,12 @@ from transformers.models.bert.modeling_bert import (
     BertIntermediate,
     BertOnlyMLMHead,
     BertOutput,
+    BertSelfAttention,
     eager_attention_forward,
 )
-from transformers.models.clip.modeling_clip import CLIPEncoder, CLIPVisionEmbeddings
+from transformers.models.clip.modeling_clip import CLIPAttention, CLIPEncoder, CLIPEncoderLayer, CLIPVisionEmbeddings
 from transformers.utils import ModelOutput, logging
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_mplug import CO_ATTENTION, MPLUGConfig
 from .generation_mplug import ORIGINAL, original_beam_search, resolve_decoding_mode, validate_decoding
@@ -65,6 +68,17 @@ class MPLUGModelOutput(ModelOutput):
         vision_last_hidden_state (`torch.FloatTensor` of shape `(batch_size, num_image_tokens, vision_hidden_size)`, *optional*):
             The vision tower's output (post-layernorm on every token) before the projection; `None` when
             `image_embeds` were passed in.
+        vision_hidden_states, text_hidden_states (`tuple(torch.FloatTensor)`, *optional*, with `output_hidden_states=True`):
+            The vision tower's (the input of its first layer, then each layer's output, before `post_layernorm`, as
+            CLIP's; frames of a video are rows) and the text encoder's (embeddings, then each layer) hidden states.
+        fusion_image_hidden_states, fusion_text_hidden_states (`tuple(torch.FloatTensor)`, *optional*, with `output_hidden_states=True`):
+            The image and text states after each cross-modal layer (their inputs are `image_embeds`/`text_embeds`).
+        vision_attentions, text_attentions, fusion_attentions (`tuple(torch.FloatTensor)`, *optional*, with `output_attentions=True`):
+            Self-attention weights `(batch, heads, queries, keys)` of each layer of the vision tower, the text encoder
+            and the cross-modal encoder (over `[V; T]` in connected-attention layers). Attention weights exist with
+            `attn_implementation="eager"`; other kernels do not compute them (the tuples are then empty).
+        fusion_cross_attentions (`tuple(torch.FloatTensor)`, *optional*, with `output_attentions=True`):
+            Text-to-image cross-attention weights of each co-attention layer.
     """
 
     last_hidden_state: torch.FloatTensor | None = None
@@ -74,6 +88,55 @@ class MPLUGModelOutput(ModelOutput):
     image_embeds: torch.FloatTensor | None = None
     text_embeds: torch.FloatTensor | None = None
     vision_last_hidden_state: torch.FloatTensor | None = None
+    vision_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    vision_attentions: tuple[torch.FloatTensor, ...] | None = None
+    text_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    text_attentions: tuple[torch.FloatTensor, ...] | None = None
+    fusion_image_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    fusion_text_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    fusion_attentions: tuple[torch.FloatTensor, ...] | None = None
+    fusion_cross_attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+# what the trunk records with transformers' output capturing (hooks on these modules), per `output_*` flag
+_RECORDED_HIDDEN_STATES = ("vision_hidden_states", "fusion_image_hidden_states", "fusion_text_hidden_states")
+_RECORDED_ATTENTIONS = ("vision_attentions", "fusion_attentions", "fusion_cross_attentions")
+# the trunk's recorded fields that the heads' outputs carry as well
+TRUNK_RECORDED_FIELDS = (
+    "vision_hidden_states",
+    "vision_attentions",
+    "text_hidden_states",
+    "text_attentions",
+    "fusion_image_hidden_states",
+    "fusion_text_hidden_states",
+    "fusion_attentions",
+    "fusion_cross_attentions",
+)
+
+
+@dataclass
+class _RecordedCall(MPLUGModelOutput):
+    """[`MPLUGModel.run_recorded`]'s carrier: the computation's result beside the recorded fields."""
+
+    result: object = None
+
+
+def _recorded_fields(trunk_output: MPLUGModelOutput | None) -> dict:
+    """The recorded hidden states/attentions of a trunk output, for a head's output."""
+    if trunk_output is None:
+        return {}
+    return {
+        name: getattr(trunk_output, name) for name in TRUNK_RECORDED_FIELDS if getattr(trunk_output, name) is not None
+    }
+
+
+def _output_flags(config: MPLUGConfig, output_hidden_states: bool | None, output_attentions: bool | None) -> tuple:
+    hidden = config.output_hidden_states if output_hidden_states is None else output_hidden_states
+    attentions = config.output_attentions if output_attentions is None else output_attentions
+    for name, value in (("output_hidden_states", hidden), ("output_attentions", attentions)):
+        if not isinstance(value, bool):
+            raise TypeError(f"`{name}` must be True or False, got {value!r}.")
+    return hidden, attentions
 
 
 def _check_ids(ids: torch.Tensor, name: str, vocab_size: int, ignore_index: int | None = None) -> None:
@@ -283,10 +346,38 @@ class MPLUGPreTrainedModel(PreTrainedModel):
         "BertLayer",
         "MPLUGCrossModalLayer",
     ]
+    # the attention backends tested against eager (tests/common.py): eager and SDPA; flash/flex are not declared
     _supports_sdpa = True
-    _supports_attention_backend = True
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+    _supports_attention_backend = False
     # the losses follow the original normalisation; the Trainer must scale them for gradient accumulation itself
     accepts_loss_kwargs = False
+
+    def resize_token_embeddings(
+        self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None, mean_resizing: bool = True
+    ) -> nn.Embedding:
+        """As `PreTrainedModel.resize_token_embeddings`, for every module that reads or predicts text ids: the text
+        encoder's and the decoder's word embeddings (and their momentum copies), the LM heads tied to them, and
+        `config.text_config.vocab_size` (so `config.vocab_size`) with the sub-modules' configs."""
+        embeddings = super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        size = embeddings.weight.shape[0]
+        for module in self.modules():
+            if isinstance(module, BertEmbeddings) and module.word_embeddings.num_embeddings != size:
+                module.word_embeddings = self._get_resized_embeddings(
+                    module.word_embeddings, size, mean_resizing=mean_resizing
+                )
+        for module in self.modules():
+            predictions = getattr(module, "predictions", None)
+            if isinstance(module, BertOnlyMLMHead) and predictions.decoder.out_features != size:
+                predictions.decoder = self._get_resized_lm_head(predictions.decoder, size, mean_resizing=mean_resizing)
+                predictions.bias = predictions.decoder.bias
+        self.config.text_config.vocab_size = size
+        for module in self.modules():
+            if isinstance(getattr(module, "config", None), BertConfig):
+                module.config.vocab_size = size
+        self.tie_weights()
+        return embeddings
 
     def _derive_missing_weights(self, missing: set[str]) -> set[str]:
         """Fill weights a checkpoint lacks but that follow from the loaded ones (a pretraining teacher, a second
@@ -464,6 +555,20 @@ class MPLUGModel(MPLUGPreTrainedModel):
         (1, 8, 32)
     """
 
+    # transformers' output capturing: the vision tower and the cross-modal layers are plain modules of the trunk (the
+    # text encoder is a BertModel, which records its own)
+    _can_record_outputs = {
+        "vision_hidden_states": [
+            OutputRecorder(nn.LayerNorm, layer_name="vision_model.pre_layrnorm"),  # the input of the first layer
+            OutputRecorder(CLIPEncoderLayer, index=0, layer_name="vision_model.encoder"),
+        ],
+        "vision_attentions": OutputRecorder(CLIPAttention, index=1, layer_name="vision_model.encoder"),
+        "fusion_image_hidden_states": OutputRecorder(MPLUGCrossModalLayer, index=0),
+        "fusion_text_hidden_states": OutputRecorder(MPLUGCrossModalLayer, index=1),
+        "fusion_attentions": OutputRecorder(BertSelfAttention, index=1, layer_name="cross_modal_encoder"),
+        "fusion_cross_attentions": OutputRecorder(BertCrossAttention, index=1, layer_name="cross_modal_encoder"),
+    }
+
     def __init__(self, config: MPLUGConfig, vision_only: bool = False) -> None:
         r"""
         vision_only (`bool`, *optional*, defaults to `False`):
@@ -522,6 +627,11 @@ class MPLUGModel(MPLUGPreTrainedModel):
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Run the BERT text encoder; returns its last hidden state `(B, L, hidden_size)`."""
+        attention_mask = self._checked_text(input_ids, attention_mask)
+        return self._text_output(input_ids, attention_mask).last_hidden_state
+
+    def _checked_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Check the text ids (range, shape, length) and return the attention mask (derived from `[PAD]` if absent)."""
         if self.text_model is None:
             raise ValueError("This trunk was built with `vision_only=True`: it has no text encoder.")
         _check_ids(input_ids, "input_ids", self.config.text_config.vocab_size)
@@ -534,7 +644,19 @@ class MPLUGModel(MPLUGPreTrainedModel):
                 f"`input_ids` has {input_ids.shape[1]} tokens, more than the text encoder's {positions} positions; "
                 f"encode the text with the processor (it truncates to `model_max_length`) or pass `max_length={positions}`."
             )
-        return self.text_model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).last_hidden_state
+        return attention_mask
+
+    def _text_output(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, output_hidden_states=False, output_attentions=False
+    ):
+        """The BERT text encoder's output (ids and mask checked by the callers)."""
+        return self.text_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            return_dict=True,
+        )
 
     def forward(
         self,
@@ -543,6 +665,8 @@ class MPLUGModel(MPLUGPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         image_embeds: torch.Tensor | None = None,
         interpolate_pos_encoding: bool = False,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> MPLUGModelOutput | tuple[torch.Tensor, ...]:
@@ -551,24 +675,83 @@ class MPLUGModel(MPLUGPreTrainedModel):
             pixel_values (`torch.FloatTensor` of shape `(B, C, H, W)` or `(B, T, C, H, W)` for video):
                 Images as produced by [`MPLUGProcessor`]. Not needed when `image_embeds` is given.
             input_ids (`torch.LongTensor` of shape `(B, L)`):
-                Text ids in the mPLUG contract (`[CLS] text`, no trailing `[SEP]`).
+                Text ids in the mPLUG contract (`[CLS] text`, no trailing `[SEP]`). A `vision_only` trunk (the
+                captioner's) takes none and returns the image features as `last_hidden_state`.
             attention_mask (`torch.LongTensor` of shape `(B, L)`, *optional*):
                 1 for real tokens, 0 for padding. Defaults to all ones.
             image_embeds (`torch.FloatTensor` of shape `(B, N, hidden_size)`, *optional*):
                 Precomputed V (the second output of [`~MPLUGModel.encode_image`]) to skip the vision tower.
+            output_hidden_states, output_attentions (`bool`, *optional*):
+                Return every stage's hidden states / attention weights (see [`MPLUGModelOutput`]), recorded by
+                transformers' output capturing.
         """
         if kwargs:
             raise TypeError(f"MPLUGModel.forward() got unexpected keyword argument(s) {sorted(kwargs)}.")
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        hidden, attentions = _output_flags(self.config, output_hidden_states, output_attentions)
+        flags = self._recording_flags(hidden, attentions)
+        output = self._recorded_forward(
+            pixel_values,
+            input_ids,
+            attention_mask,
+            image_embeds,
+            interpolate_pos_encoding,
+            text_outputs=(hidden, attentions),
+            return_dict=True,
+            **flags,
+        )
+        return output if return_dict else output.to_tuple()
+
+    def _recording_flags(self, output_hidden_states: bool, output_attentions: bool) -> dict[str, bool]:
+        flags = {f"output_{name}": output_hidden_states for name in _RECORDED_HIDDEN_STATES}
+        flags.update({f"output_{name}": output_attentions for name in _RECORDED_ATTENTIONS})
+        if self.vision_only:  # no cross-modal encoder to record
+            flags.update({name: False for name in flags if name.startswith("output_fusion_")})
+        return flags
+
+    def run_recorded(
+        self, compute: Callable[[], object], output_hidden_states: bool = False, output_attentions: bool = False
+    ) -> tuple[object, dict]:
+        """Run `compute()` (calls into this trunk's vision tower / cross-modal encoder) with the trunk's output
+        recorders active (transformers' output capturing); returns its result and the recorded fields of
+        [`MPLUGModelOutput`] (the text encoder's own states come from `output_hidden_states` of its call)."""
+        if not (output_hidden_states or output_attentions):
+            return compute(), {}
+        flags = self._recording_flags(output_hidden_states, output_attentions)
+        recorded = self._capture(compute, return_dict=True, **flags)
+        return recorded.result, _recorded_fields(recorded)
+
+    @capture_outputs(tie_last_hidden_states=False)
+    def _capture(self, compute: Callable[[], object], **recording_flags: bool) -> _RecordedCall:
+        return _RecordedCall(result=compute())
+
+    @capture_outputs(tie_last_hidden_states=False)
+    def _recorded_forward(
+        self,
+        pixel_values: torch.Tensor | None,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        image_embeds: torch.Tensor | None,
+        interpolate_pos_encoding: bool,
+        text_outputs: tuple[bool, bool],
+        **recording_flags: bool,
+    ) -> MPLUGModelOutput:
+        """The forward pass; `capture_outputs` fills the recorded fields named by the `output_<field>` flags."""
         if self.vision_only:
-            raise ValueError(
-                "This trunk was built with `vision_only=True` (captioning): use `encode_image(pixel_values)`."
+            if input_ids is not None:
+                raise ValueError("This trunk was built with `vision_only=True` (captioning): it takes no `input_ids`.")
+            if pixel_values is None:
+                raise ValueError("Pass `pixel_values`.")
+            vision_states, image_embeds = self.encode_image(pixel_values, interpolate_pos_encoding)
+            return MPLUGModelOutput(
+                last_hidden_state=image_embeds,
+                memory_attention_mask=torch.ones(image_embeds.shape[:2], dtype=torch.long, device=image_embeds.device),
+                image_embeds=image_embeds,
+                vision_last_hidden_state=vision_states,
             )
         if input_ids is None:
             raise ValueError("`input_ids` is required: pass the processor's text ids.")
-        if input_ids.dim() != 2:
-            raise ValueError(f"`input_ids` must have shape (batch, length), got {tuple(input_ids.shape)}.")
-        attention_mask = _text_attention_mask(input_ids, attention_mask, self.config.pad_token_id)
+        attention_mask = self._checked_text(input_ids, attention_mask)
 
         vision_states = None
         if image_embeds is None:
@@ -587,11 +770,12 @@ class MPLUGModel(MPLUGPreTrainedModel):
                 f"got {image_embeds.shape[-1]}."
             )
 
-        text_embeds = self.encode_text(input_ids, attention_mask)
+        text = self._text_output(input_ids, attention_mask, *text_outputs)
+        text_embeds = text.last_hidden_state
         fused_image, fused_text = self.cross_modal_encoder(image_embeds, text_embeds, attention_mask)
         memory = torch.cat([fused_image, fused_text], dim=1)
         memory_mask = torch.cat([attention_mask.new_ones(fused_image.shape[:2]), attention_mask], dim=1)
-        output = MPLUGModelOutput(
+        return MPLUGModelOutput(
             last_hidden_state=memory,
             memory_attention_mask=memory_mask,
             fused_image_embeds=fused_image,
@@ -599,8 +783,9 @@ class MPLUGModel(MPLUGPreTrainedModel):
             image_embeds=image_embeds,
             text_embeds=text_embeds,
             vision_last_hidden_state=vision_states,
+            text_hidden_states=text.hidden_states,
+            text_attentions=text.attentions,
         )
-        return output if return_dict else output.to_tuple()
 
 
 # ------------------------------------------------------------------------------------------------ decoder memory
@@ -700,6 +885,12 @@ class MPLUGDecoderOutput(ModelOutput):
         memory (`torch.FloatTensor` of shape `(batch_size, memory_length, hidden_size)`):
             What the decoder attended to (per question / image, before repetition over answers).
         memory_attention_mask (`torch.LongTensor` of shape `(batch_size, memory_length)`): its mask.
+        vision_hidden_states, ..., fusion_cross_attentions (*optional*, with `output_hidden_states=True` /
+            `output_attentions=True`): the trunk's recorded states, as in [`MPLUGModelOutput`] (the captioner has
+            the vision ones only).
+        decoder_hidden_states, decoder_attentions, decoder_cross_attentions (`tuple(torch.FloatTensor)`, *optional*):
+            The decoder's hidden states (embeddings, then each layer), self-attention and memory cross-attention
+            weights (eager attention), over the decoded sequences.
     """
 
     loss: torch.FloatTensor | None = None
@@ -707,6 +898,17 @@ class MPLUGDecoderOutput(ModelOutput):
     loss_per_sequence: torch.FloatTensor | None = None
     memory: torch.FloatTensor | None = None
     memory_attention_mask: torch.LongTensor | None = None
+    vision_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    vision_attentions: tuple[torch.FloatTensor, ...] | None = None
+    text_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    text_attentions: tuple[torch.FloatTensor, ...] | None = None
+    fusion_image_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    fusion_text_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    fusion_attentions: tuple[torch.FloatTensor, ...] | None = None
+    fusion_cross_attentions: tuple[torch.FloatTensor, ...] | None = None
+    decoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    decoder_attentions: tuple[torch.FloatTensor, ...] | None = None
+    decoder_cross_attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 @dataclass
@@ -837,14 +1039,37 @@ class MPLUGDecoderHeadMixin:
         memory: torch.Tensor,
         memory_mask: torch.Tensor,
     ) -> torch.Tensor:
+        return self._decoder_output(input_ids, attention_mask, memory, memory_mask).logits
+
+    def _decoder_output(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        memory: torch.Tensor,
+        memory_mask: torch.Tensor,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ):
+        """The decoder (a `BertLMHeadModel`, which records its own hidden states/attentions) over the memory."""
         return self.text_decoder(
             input_ids=input_ids,
             attention_mask=attention_mask,
             encoder_hidden_states=memory,
             encoder_attention_mask=memory_mask,
             use_cache=False,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
             return_dict=True,
-        ).logits
+        )
+
+    @staticmethod
+    def _decoder_recorded(decoded) -> dict:
+        fields = {
+            "decoder_hidden_states": decoded.hidden_states,
+            "decoder_attentions": decoded.attentions,
+            "decoder_cross_attentions": getattr(decoded, "cross_attentions", None),
+        }
+        return {name: value for name, value in fields.items() if value is not None}
 
     def _memory_cache(self, memory: torch.Tensor) -> MPLUGSharedMemoryCache:
         """A decoding cache holding the memory's cross-attention keys/values, computed here once per image."""
@@ -1013,12 +1238,15 @@ class MPLUGForQuestionAnswering(MPLUGDecoderHeadMixin, MPLUGPreTrainedModel, Gen
         answer_question_index: torch.Tensor | None = None,
         answers_per_question: torch.Tensor | list[int] | None = None,
         image_embeds: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> MPLUGDecoderOutput | tuple:
         r"""
         Args:
             pixel_values, input_ids, attention_mask, image_embeds: image(s) and question(s), as for [`MPLUGModel`].
+            output_hidden_states, output_attentions: every stage's hidden states / attentions (trunk and decoder).
             labels (`torch.LongTensor` of shape `(num_answers, length)`):
                 Answers `[CLS] answer [SEP]`, padding -100 (the processor's `text_target`). The loss is
                 `sum_i answer_weights[i] * NLL(answer i) / batch_size`, NLL summed over its tokens.
@@ -1043,10 +1271,23 @@ class MPLUGForQuestionAnswering(MPLUGDecoderHeadMixin, MPLUGPreTrainedModel, Gen
             self.config.pad_token_id,
             vocab_size=self.config.vocab_size,
         )
-        memory, memory_mask = self._fused_memory(pixel_values, input_ids, attention_mask, image_embeds)
+        hidden, attentions = _output_flags(self.config, output_hidden_states, output_attentions)
+        trunk = self.mplug(
+            pixel_values=pixel_values,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            image_embeds=image_embeds,
+            output_hidden_states=hidden,
+            output_attentions=attentions,
+            return_dict=True,
+        )
+        memory, memory_mask = trunk.last_hidden_state, trunk.memory_attention_mask
         batch_size, num_answers = memory.shape[0], decoder_input_ids.shape[0]
         index = self._answer_index(batch_size, num_answers, answer_question_index, answers_per_question, memory.device)
-        logits = self._decode(decoder_input_ids, decoder_attention_mask, memory[index], memory_mask[index])
+        decoded = self._decoder_output(
+            decoder_input_ids, decoder_attention_mask, memory[index], memory_mask[index], hidden, attentions
+        )
+        logits = decoded.logits
         loss = loss_per_answer = None
         if labels is not None:
             loss_per_answer = _sequence_nll(logits, labels)
@@ -1063,6 +1304,8 @@ class MPLUGForQuestionAnswering(MPLUGDecoderHeadMixin, MPLUGPreTrainedModel, Gen
             loss_per_sequence=loss_per_answer,
             memory=memory,
             memory_attention_mask=memory_mask,
+            **_recorded_fields(trunk),
+            **self._decoder_recorded(decoded),
         )
         return output if return_dict else output.to_tuple()
 
@@ -1207,15 +1450,23 @@ class MPLUGForCaptioning(MPLUGDecoderHeadMixin, MPLUGPreTrainedModel, Generation
         """The original captioning decoding: 5 beams, 8 to 25 new tokens."""
         return cls._decoding_config(config, num_beams=5, min_new_tokens=8, max_new_tokens=25)
 
-    def _memory(self, pixel_values, image_embeds) -> tuple[torch.Tensor, torch.Tensor]:
+    def _memory(self, pixel_values, image_embeds, output_hidden_states=False, output_attentions=False):
+        """The image features the decoder attends to, their mask, and the trunk's output (None for `image_embeds`)."""
+        trunk = None
         if image_embeds is None:
             if pixel_values is None:
                 raise ValueError("Pass `pixel_values` (or precomputed `image_embeds`).")
-            image_embeds = self.mplug.encode_image(pixel_values)[1]
+            trunk = self.mplug(
+                pixel_values=pixel_values,
+                output_hidden_states=output_hidden_states,
+                output_attentions=output_attentions,
+                return_dict=True,
+            )
+            image_embeds = trunk.image_embeds
         elif pixel_values is not None:
             raise ValueError("Pass either `pixel_values` or `image_embeds`, not both.")
         mask = torch.ones(image_embeds.shape[:2], dtype=torch.long, device=image_embeds.device)
-        return image_embeds, mask
+        return image_embeds, mask, trunk
 
     def forward(
         self,
@@ -1224,6 +1475,8 @@ class MPLUGForCaptioning(MPLUGDecoderHeadMixin, MPLUGPreTrainedModel, Generation
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         image_embeds: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> MPLUGDecoderOutput | tuple:
@@ -1232,6 +1485,7 @@ class MPLUGForCaptioning(MPLUGDecoderHeadMixin, MPLUGPreTrainedModel, Generation
             pixel_values (`(B, C, H, W)` or video `(B, T, C, H, W)`) or image_embeds: the image(s).
             input_ids, attention_mask: decoder input `[CLS] (prompt) caption [SEP]` (derived from `labels` if absent).
             labels: the same ids with -100 where no loss is wanted (padding, prompt); loss = mean token NLL.
+            output_hidden_states, output_attentions: the vision tower's and the decoder's hidden states / attentions.
         """
         kwargs.pop("token_type_ids", None)
         if kwargs:
@@ -1245,10 +1499,12 @@ class MPLUGForCaptioning(MPLUGDecoderHeadMixin, MPLUGPreTrainedModel, Generation
             ("input_ids", "attention_mask"),
             vocab_size=self.config.vocab_size,
         )
-        memory, memory_mask = self._memory(pixel_values, image_embeds)
+        hidden, attentions = _output_flags(self.config, output_hidden_states, output_attentions)
+        memory, memory_mask, trunk = self._memory(pixel_values, image_embeds, hidden, attentions)
         if memory.shape[0] != input_ids.shape[0]:
             raise ValueError(f"Batch size mismatch: {memory.shape[0]} images but {input_ids.shape[0]} captions.")
-        logits = self._decode(input_ids, attention_mask, memory, memory_mask)
+        decoded = self._decoder_output(input_ids, attention_mask, memory, memory_mask, hidden, attentions)
+        logits = decoded.logits
         loss = loss_per_caption = None
         if labels is not None:
             loss_per_caption = _sequence_nll(logits, labels)
@@ -1260,6 +1516,8 @@ class MPLUGForCaptioning(MPLUGDecoderHeadMixin, MPLUGPreTrainedModel, Generation
             loss_per_sequence=loss_per_caption,
             memory=memory,
             memory_attention_mask=memory_mask,
+            **_recorded_fields(trunk),
+            **self._decoder_recorded(decoded),
         )
         return output if return_dict else output.to_tuple()
 
@@ -1278,7 +1536,7 @@ class MPLUGForCaptioning(MPLUGDecoderHeadMixin, MPLUGPreTrainedModel, Generation
         `processor(text="a picture of")["input_ids"]`); all prompts of a batch must have the same length (no
         padding). The image is encoded once; the decoder uses a KV cache.
         """
-        memory, memory_mask = self._memory(pixel_values, image_embeds)
+        memory, memory_mask, _ = self._memory(pixel_values, image_embeds)
         if input_ids is not None:
             if input_ids.dim() != 2 or input_ids.shape[0] not in (1, memory.shape[0]):
                 raise ValueError(
@@ -1312,6 +1570,8 @@ class MPLUGRetrievalOutput(ModelOutput):
             Inference: ITC similarities of every image with every text divided by the temperature (as CLIP's; a
             softmax over the texts gives the zero-shot label probabilities).
         logits_per_text (`torch.FloatTensor` of shape `(num_texts, num_images)`): its transpose.
+        vision_hidden_states, ..., fusion_cross_attentions (*optional*): an inference pass's recorded states, as in
+            [`MPLUGModelOutput`].
     """
 
     loss: torch.FloatTensor | None = None
@@ -1326,6 +1586,14 @@ class MPLUGRetrievalOutput(ModelOutput):
     itm_logits: torch.FloatTensor | None = None
     negative_image_indices: torch.LongTensor | None = None
     negative_text_indices: torch.LongTensor | None = None
+    vision_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    vision_attentions: tuple[torch.FloatTensor, ...] | None = None
+    text_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    text_attentions: tuple[torch.FloatTensor, ...] | None = None
+    fusion_image_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    fusion_text_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    fusion_attentions: tuple[torch.FloatTensor, ...] | None = None
+    fusion_cross_attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 @dataclass
@@ -1598,6 +1866,8 @@ class MPLUGForRetrieval(MPLUGPreTrainedModel):
         negative_text_indices: torch.Tensor | None = None,
         return_loss: bool | None = None,
         use_itm_head: bool = False,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> MPLUGRetrievalOutput | tuple:
@@ -1612,6 +1882,10 @@ class MPLUGForRetrieval(MPLUGPreTrainedModel):
         - **Training** (`return_loss=True`, or `None` in training mode or with any of `idx`, the momentum/queue
           arguments or the negatives): the original fine-tuning step, `loss = loss_itc + loss_itm`. See
           [`itc_loss`] and [`itm_loss`] for those arguments.
+
+        `output_hidden_states` / `output_attentions` (inference) add the stages' recorded states (see
+        [`MPLUGModelOutput`]): vision and text for the ITC logits, every stage for `use_itm_head=True`. The training
+        step runs several fused passes (positives, then hard negatives) and does not record them.
         """
         kwargs.pop("token_type_ids", None)
         if kwargs:
@@ -1620,7 +1894,7 @@ class MPLUGForRetrieval(MPLUGPreTrainedModel):
         if input_ids is None:
             raise ValueError("`input_ids` (the captions from the processor) is required.")
         attention_mask = _text_attention_mask(input_ids, attention_mask, self.config.pad_token_id)
-        image_embeds = self._image_embeds(pixel_values, image_embeds)
+        hidden, attentions = _output_flags(self.config, output_hidden_states, output_attentions)
         training_arguments = (
             idx,
             image_features_m,
@@ -1636,10 +1910,18 @@ class MPLUGForRetrieval(MPLUGPreTrainedModel):
         if not return_loss:
             if any(argument is not None for argument in training_arguments):
                 raise ValueError("`return_loss=False` (inference) takes no training arguments (`idx`, queues, ...).")
-            output = self._inference_logits(image_embeds, input_ids, attention_mask, use_itm_head)
+            output = self._inference_logits(
+                pixel_values, image_embeds, input_ids, attention_mask, use_itm_head, hidden, attentions
+            )
             return output if return_dict else output.to_tuple()
         if use_itm_head:
             raise ValueError("`use_itm_head=True` is an inference option; pass `return_loss=False` with it.")
+        if hidden or attentions:
+            raise ValueError(
+                "`output_hidden_states`/`output_attentions` record an inference pass (`return_loss=False`); the "
+                "training step runs several fused passes and does not record them."
+            )
+        image_embeds = self._image_embeds(pixel_values, image_embeds)
         if image_embeds.shape[0] != input_ids.shape[0]:
             raise ValueError(f"Batch size mismatch: {image_embeds.shape[0]} images but {input_ids.shape[0]} texts.")
         if input_ids.shape[0] < 2:
@@ -1683,24 +1965,53 @@ class MPLUGForRetrieval(MPLUGPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
     def _inference_logits(
-        self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, use_itm_head: bool
+        self,
+        pixel_values: torch.Tensor | None,
+        image_embeds: torch.Tensor | None,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        use_itm_head: bool,
+        output_hidden_states: bool,
+        output_attentions: bool,
     ) -> MPLUGRetrievalOutput:
         if use_itm_head:
-            if image_embeds.shape[0] != input_ids.shape[0]:
+            num_images = (pixel_values if image_embeds is None else image_embeds).shape[0]
+            if num_images != input_ids.shape[0]:
                 raise ValueError(
-                    f"`use_itm_head=True` scores pairs (image b, text b): got {image_embeds.shape[0]} images and "
+                    f"`use_itm_head=True` scores pairs (image b, text b): got {num_images} images and "
                     f"{input_ids.shape[0]} texts; repeat them into pairs, or use `retrieve` for a gallery."
                 )
-            itm_logits = self.match_pairs(input_ids=input_ids, attention_mask=attention_mask, image_embeds=image_embeds)
-            return MPLUGRetrievalOutput(itm_logits=itm_logits)
-        image_features = self.get_image_features(image_embeds=image_embeds)
-        text_features = self.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
+            trunk = self.mplug(
+                pixel_values=pixel_values,
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                image_embeds=image_embeds,
+                output_hidden_states=output_hidden_states,
+                output_attentions=output_attentions,
+                return_dict=True,
+            )
+            itm_logits = self.itm_head(trunk.fused_text_embeds[:, 0])
+            return MPLUGRetrievalOutput(itm_logits=itm_logits, **_recorded_fields(trunk))
+
+        def encode():
+            images = self._image_embeds(pixel_values, image_embeds)
+            mask = self.mplug._checked_text(input_ids, attention_mask)
+            return images, self.mplug._text_output(input_ids, mask, output_hidden_states, output_attentions)
+
+        (images, text), recorded = self.mplug.run_recorded(encode, output_hidden_states, output_attentions)
+        if text.hidden_states is not None:
+            recorded["text_hidden_states"] = text.hidden_states
+        if text.attentions is not None:
+            recorded["text_attentions"] = text.attentions
+        image_features = self.get_image_features(image_embeds=images)
+        text_features = self.get_text_features(text_embeds=text.last_hidden_state)
         logits_per_image = image_features @ text_features.t() / self.temp
         return MPLUGRetrievalOutput(
             logits_per_image=logits_per_image,
             logits_per_text=logits_per_image.t(),
             image_features=image_features,
             text_features=text_features,
+            **recorded,
         )
 
     # ------------------------------------------------------------------------------------------- corpus retrieval
@@ -1826,6 +2137,8 @@ class MPLUGGroundingOutput(ModelOutput):
         scores (`torch.FloatTensor` of shape `(batch_size,)`, *optional*):
             Joint probability of the 4 chosen tokens (prediction only).
         token_loss (`torch.FloatTensor` of shape `(batch_size, 4)`, *optional*): unweighted token cross-entropy.
+        vision_hidden_states, ..., decoder_cross_attentions (*optional*): the teacher-forced pass's recorded states,
+            as in [`MPLUGDecoderOutput`].
     """
 
     loss: torch.FloatTensor | None = None
@@ -1834,6 +2147,17 @@ class MPLUGGroundingOutput(ModelOutput):
     pred_tokens: torch.LongTensor | None = None
     scores: torch.FloatTensor | None = None
     token_loss: torch.FloatTensor | None = None
+    vision_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    vision_attentions: tuple[torch.FloatTensor, ...] | None = None
+    text_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    text_attentions: tuple[torch.FloatTensor, ...] | None = None
+    fusion_image_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    fusion_text_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    fusion_attentions: tuple[torch.FloatTensor, ...] | None = None
+    fusion_cross_attentions: tuple[torch.FloatTensor, ...] | None = None
+    decoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    decoder_attentions: tuple[torch.FloatTensor, ...] | None = None
+    decoder_cross_attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 class MPLUGForGrounding(MPLUGDecoderHeadMixin, MPLUGPreTrainedModel):
@@ -1908,6 +2232,8 @@ class MPLUGForGrounding(MPLUGDecoderHeadMixin, MPLUGPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         boxes: torch.Tensor | None = None,
         image_embeds: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> MPLUGGroundingOutput | tuple:
@@ -1917,15 +2243,32 @@ class MPLUGForGrounding(MPLUGDecoderHeadMixin, MPLUGPreTrainedModel):
                 `[CLS] phrase [SEP]` as the original dataset code does: `processor.encode_phrases`).
             boxes (`torch.FloatTensor` of shape `(batch_size, 4)`): target `(cx, cy, w, h)` normalised to the padded
                 square image. With boxes: teacher-forced loss; without: same as [`predict_boxes`].
+            output_hidden_states, output_attentions: every stage's hidden states / attentions of the teacher-forced
+                pass (with `boxes`; the constrained decoding of [`predict_boxes`] is not recorded).
         """
         kwargs.pop("token_type_ids", None)
         if kwargs:
             raise TypeError(f"{type(self).__name__}.forward() got unexpected keyword argument(s) {sorted(kwargs)}.")
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        hidden, attentions = _output_flags(self.config, output_hidden_states, output_attentions)
         if boxes is None:
+            if hidden or attentions:
+                raise ValueError(
+                    "`output_hidden_states`/`output_attentions` record the teacher-forced pass: pass `boxes` (e.g. the "
+                    "predicted ones, `predict_boxes(...).pred_boxes`)."
+                )
             output = self.predict_boxes(pixel_values, input_ids, attention_mask, image_embeds)
             return output if return_dict else output.to_tuple()
-        memory, memory_mask = self._fused_memory(pixel_values, input_ids, attention_mask, image_embeds)
+        trunk = self.mplug(
+            pixel_values=pixel_values,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            image_embeds=image_embeds,
+            output_hidden_states=hidden,
+            output_attentions=attentions,
+            return_dict=True,
+        )
+        memory, memory_mask = trunk.last_hidden_state, trunk.memory_attention_mask
         batch_size = memory.shape[0]
         boxes = torch.as_tensor(boxes, dtype=memory.dtype, device=memory.device)
         if boxes.shape != (batch_size, 4):
@@ -1938,8 +2281,10 @@ class MPLUGForGrounding(MPLUGDecoderHeadMixin, MPLUGPreTrainedModel):
             )
         prefix = torch.full((batch_size, 1), self.config.grounding_prefix_token_id, device=memory.device)
         decoder_ids = torch.cat([prefix, self.boxes_to_tokens(boxes)], dim=1)
-        logits = self._decode(decoder_ids, torch.ones_like(decoder_ids), memory, memory_mask)
-        logits = logits + self._coordinate_mask(logits)
+        decoded = self._decoder_output(
+            decoder_ids, torch.ones_like(decoder_ids), memory, memory_mask, hidden, attentions
+        )
+        logits = decoded.logits + self._coordinate_mask(decoded.logits)
         token_loss = nn.functional.cross_entropy(
             logits[:, :-1].float().reshape(-1, logits.shape[-1]), decoder_ids[:, 1:].reshape(-1), reduction="none"
         ).view(batch_size, 4)
@@ -1955,7 +2300,13 @@ class MPLUGForGrounding(MPLUGDecoderHeadMixin, MPLUGPreTrainedModel):
         else:
             loss = (token_loss * weight_l1 * weight_giou[:, None]).mean()
         output = MPLUGGroundingOutput(
-            loss=loss, logits=logits, pred_boxes=pred_boxes, pred_tokens=pred_tokens, token_loss=token_loss
+            loss=loss,
+            logits=logits,
+            pred_boxes=pred_boxes,
+            pred_tokens=pred_tokens,
+            token_loss=token_loss,
+            **_recorded_fields(trunk),
+            **self._decoder_recorded(decoded),
         )
         return output if return_dict else output.to_tuple()
 
@@ -2003,17 +2354,28 @@ class MPLUGForGrounding(MPLUGDecoderHeadMixin, MPLUGPreTrainedModel):
 @dataclass
 class MPLUGImageTextClassifierOutput(ModelOutput):
     r"""
-    Output of [`MPLUGForVisualEntailment`].
+    Output of [`MPLUGForVisualEntailment`] and [`MPLUGForVisualReasoning`].
 
     Args:
         loss (`torch.FloatTensor` of shape `()`): cross-entropy against `labels`, when given.
         logits (`torch.FloatTensor` of shape `(batch_size, num_labels)`): class scores.
         fused_text_embeds (`torch.FloatTensor` of shape `(batch_size, length, hidden_size)`): T' of the trunk.
+        vision_hidden_states, ..., fusion_cross_attentions (*optional*, with `output_hidden_states=True` /
+            `output_attentions=True`): the recorded states, as in [`MPLUGModelOutput`] (visual reasoning: the vision
+            tower's over both images as rows `2b`, `2b + 1`, and the text encoder's).
     """
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     fused_text_embeds: torch.FloatTensor | None = None
+    vision_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    vision_attentions: tuple[torch.FloatTensor, ...] | None = None
+    text_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    text_attentions: tuple[torch.FloatTensor, ...] | None = None
+    fusion_image_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    fusion_text_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    fusion_attentions: tuple[torch.FloatTensor, ...] | None = None
+    fusion_cross_attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 def _classifier_head(config: MPLUGConfig) -> nn.Sequential:
@@ -2075,6 +2437,8 @@ class MPLUGForVisualEntailment(MPLUGPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         image_embeds: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> MPLUGImageTextClassifierOutput | tuple:
@@ -2082,17 +2446,26 @@ class MPLUGForVisualEntailment(MPLUGPreTrainedModel):
         Args:
             pixel_values, input_ids, attention_mask, image_embeds: the image(s) and hypotheses, as for [`MPLUGModel`].
             labels (`torch.LongTensor` of shape `(batch_size,)`): class ids in `[0, num_labels)`.
+            output_hidden_states, output_attentions: every stage's hidden states / attentions.
         """
         kwargs.pop("token_type_ids", None)
         if kwargs:
             raise TypeError(f"{type(self).__name__}.forward() got unexpected keyword argument(s) {sorted(kwargs)}.")
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         trunk = self.mplug(
-            pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, image_embeds=image_embeds
+            pixel_values=pixel_values,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            image_embeds=image_embeds,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            return_dict=True,
         )
         logits = self.classifier(trunk.fused_text_embeds[:, 0])
         loss = None if labels is None else _classification_loss(logits, labels)
-        output = MPLUGImageTextClassifierOutput(loss=loss, logits=logits, fused_text_embeds=trunk.fused_text_embeds)
+        output = MPLUGImageTextClassifierOutput(
+            loss=loss, logits=logits, fused_text_embeds=trunk.fused_text_embeds, **_recorded_fields(trunk)
+        )
         return output if return_dict else output.to_tuple()
 
 
@@ -2187,6 +2560,8 @@ class MPLUGForVisualReasoning(MPLUGPreTrainedModel):
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> MPLUGImageTextClassifierOutput | tuple:
@@ -2195,6 +2570,8 @@ class MPLUGForVisualReasoning(MPLUGPreTrainedModel):
             pixel_values (`torch.FloatTensor` of shape `(B, 2, C, H, W)`): the image pairs.
             input_ids, attention_mask (`(B, L)`): the sentences.
             labels (`torch.LongTensor` of shape `(B,)`): class ids (NLVR2: 1 = true, 0 = false).
+            output_hidden_states, output_attentions: the vision tower's (both images) and the text encoder's
+                hidden states / attentions (the pair fusion is not recorded).
         """
         kwargs.pop("token_type_ids", None)
         if kwargs:
@@ -2212,12 +2589,23 @@ class MPLUGForVisualReasoning(MPLUGPreTrainedModel):
         if pixel_values.shape[0] != input_ids.shape[0]:
             raise ValueError(f"Batch size mismatch: {pixel_values.shape[0]} image pairs, {input_ids.shape[0]} texts.")
         batch_size = pixel_values.shape[0]
-        images = self.mplug.encode_image(pixel_values.flatten(0, 1))[1].unflatten(0, (batch_size, 2))
-        text = self.mplug.encode_text(input_ids, attention_mask)
-        fused = self.fuse_pair(images[:, 0], images[:, 1], text, attention_mask)
+        hidden, attentions = _output_flags(self.config, output_hidden_states, output_attentions)
+
+        def encode():
+            images = self.mplug.encode_image(pixel_values.flatten(0, 1))[1].unflatten(0, (batch_size, 2))
+            mask = self.mplug._checked_text(input_ids, attention_mask)
+            return images, self.mplug._text_output(input_ids, mask, hidden, attentions)
+
+        (images, text), recorded = self.mplug.run_recorded(encode, hidden, attentions)
+        recorded = {name: value for name, value in recorded.items() if name.startswith("vision_")}
+        if text.hidden_states is not None:
+            recorded["text_hidden_states"] = text.hidden_states
+        if text.attentions is not None:
+            recorded["text_attentions"] = text.attentions
+        fused = self.fuse_pair(images[:, 0], images[:, 1], text.last_hidden_state, attention_mask)
         logits = self.classifier(fused[:, 0])
         loss = None if labels is None else _classification_loss(logits, labels)
-        output = MPLUGImageTextClassifierOutput(loss=loss, logits=logits, fused_text_embeds=fused)
+        output = MPLUGImageTextClassifierOutput(loss=loss, logits=logits, fused_text_embeds=fused, **recorded)
         return output if return_dict else output.to_tuple()
 
 
@@ -2457,6 +2845,8 @@ class MPLUGForPreTraining(MPLUGForRetrieval):
         alpha: float | None = None,
         negative_image_indices: torch.Tensor | None = None,
         negative_text_indices: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> MPLUGPreTrainingOutput | tuple:
@@ -2472,10 +2862,17 @@ class MPLUGForPreTraining(MPLUGForRetrieval):
             idx (`(B,)`): image ids; captions of the same image are ITC positives and never ITM negatives.
             alpha (`float`): distillation weight (default `config.distillation_alpha`).
             negative_image_indices, negative_text_indices (`(B,)`): ITM negatives to use instead of drawing them.
+            output_hidden_states, output_attentions: not recorded here (the step runs a pass per objective); record
+                a pass with a task head or [`MPLUGModel`] built from this folder.
         """
         kwargs.pop("token_type_ids", None)
         if kwargs:
             raise TypeError(f"{type(self).__name__}.forward() got unexpected keyword argument(s) {sorted(kwargs)}.")
+        if any(_output_flags(self.config, output_hidden_states, output_attentions)):
+            raise ValueError(
+                "MPLUGForPreTraining does not record hidden states/attentions (its step runs a pass per objective); "
+                "load the folder into MPLUGModel or a task head and pass `output_hidden_states=True` there."
+            )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         weights = self.config.pretraining_loss_weights
         if pixel_values is None:
