@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import PIL.Image
+import torch
 from transformers.image_processing_base import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
 from transformers.utils import logging
@@ -265,4 +266,30 @@ class MPLUGImageProcessor(BaseImageProcessor):
         return self.preprocess(images, **kwargs)
 
 
-__all__ = ["MPLUGImageProcessor", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "to_pil_image"]
+def boxes_to_coordinate_tokens(boxes: torch.Tensor, start: int, num_bins: int) -> torch.Tensor:
+    """Normalised `(cx, cy, w, h)` boxes -> mPLUG's grounding coordinate token ids,
+    `floor(clamp(v, 0, 1) * (num_bins - 1)) + start` (the one place this conversion is written)."""
+    boxes = torch.as_tensor(boxes)
+    if not boxes.is_floating_point():
+        boxes = boxes.float()
+    return (boxes.clamp(0, 1) * (num_bins - 1)).floor().long() + start
+
+
+def coordinate_tokens_to_boxes(tokens: torch.Tensor, start: int, num_bins: int) -> torch.Tensor:
+    """Coordinate token ids -> normalised `(cx, cy, w, h)` (bin / (num_bins - 1)); other ids are refused."""
+    bins = torch.as_tensor(tokens) - start
+    if bool((bins < 0).any()) or bool((bins >= num_bins).any()):
+        raise ValueError(
+            f"`tokens` contains ids that are not coordinate tokens (expected ids in [{start}, {start + num_bins}))."
+        )
+    return bins.float() / (num_bins - 1)
+
+
+__all__ = [
+    "MPLUGImageProcessor",
+    "OPENAI_CLIP_MEAN",
+    "OPENAI_CLIP_STD",
+    "boxes_to_coordinate_tokens",
+    "coordinate_tokens_to_boxes",
+    "to_pil_image",
+]

@@ -40,6 +40,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_mplug import CO_ATTENTION, MPLUGConfig
 from .generation_mplug import ORIGINAL, original_beam_search, resolve_decoding_mode, validate_decoding
+from .image_processing_mplug import boxes_to_coordinate_tokens, coordinate_tokens_to_boxes
 
 logger = logging.get_logger(__name__)
 
@@ -2218,12 +2219,13 @@ class MPLUGForGrounding(MPLUGDecoderHeadMixin, MPLUGPreTrainedModel):
 
     def boxes_to_tokens(self, boxes: torch.Tensor) -> torch.Tensor:
         """Normalised `(cx, cy, w, h)` -> coordinate token ids (`floor(clamp(v, 0, 1) * (bins - 1)) + start`)."""
-        scale = self.config.num_coordinate_bins - 1
-        return (boxes.clamp(0, 1) * scale).floor().long() + self.config.coordinate_token_start_id
+        return boxes_to_coordinate_tokens(boxes, self.config.coordinate_token_start_id, self.config.num_coordinate_bins)
 
     def tokens_to_boxes(self, tokens: torch.Tensor) -> torch.Tensor:
         """Coordinate token ids -> normalised `(cx, cy, w, h)`."""
-        return (tokens - self.config.coordinate_token_start_id).float() / (self.config.num_coordinate_bins - 1)
+        return coordinate_tokens_to_boxes(
+            tokens, self.config.coordinate_token_start_id, self.config.num_coordinate_bins
+        )
 
     def forward(
         self,

@@ -11,7 +11,7 @@ from transformers import BatchFeature, BertTokenizer, ProcessorMixin
 from transformers.image_processing_base import ImageProcessingMixin
 from transformers.utils import logging
 
-from .image_processing_mplug import MPLUGImageProcessor
+from .image_processing_mplug import MPLUGImageProcessor, boxes_to_coordinate_tokens, coordinate_tokens_to_boxes
 from .tokenization_mplug import MPLUGTokenizer
 
 logger = logging.get_logger(__name__)
@@ -392,15 +392,11 @@ class MPLUGProcessor(ProcessorMixin):
     def boxes_to_tokens(self, boxes: torch.Tensor) -> torch.Tensor:
         """Normalised `(cx, cy, w, h)` -> coordinate token ids `floor(clamp(v, 0, 1) * (bins - 1)) + start`."""
         boxes = torch.as_tensor(boxes, dtype=torch.float32)
-        return (boxes.clamp(0, 1) * (self.num_coordinate_bins - 1)).floor().long() + self.coordinate_token_start_id
+        return boxes_to_coordinate_tokens(boxes, self.coordinate_token_start_id, self.num_coordinate_bins)
 
     def tokens_to_boxes(self, tokens: torch.Tensor) -> torch.Tensor:
         """Coordinate token ids -> normalised `(cx, cy, w, h)`."""
-        tokens = torch.as_tensor(tokens)
-        bins = tokens - self.coordinate_token_start_id
-        if bool((bins < 0).any()) or bool((bins >= self.num_coordinate_bins).any()):
-            raise ValueError("`tokens` contains ids that are not coordinate tokens.")
-        return bins.float() / (self.num_coordinate_bins - 1)
+        return coordinate_tokens_to_boxes(tokens, self.coordinate_token_start_id, self.num_coordinate_bins)
 
     def post_process_grounding(self, outputs: Any, image_geometry: torch.Tensor) -> list[dict[str, Any]]:
         """[`MPLUGForGrounding.predict_boxes`] output -> `[{"box": [x1, y1, x2, y2] pixels, "score": p}, ...]`."""
