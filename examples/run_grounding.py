@@ -39,7 +39,7 @@ from mplug_examples import (
 from transformers import Trainer, TrainingArguments, set_seed
 
 from transformers_mplug import MPLUGForGrounding, MPLUGProcessor
-from transformers_mplug.data import load_shapes_dataset
+from transformers_mplug.data import MPLUGGroundingCollator, load_shapes_dataset
 from transformers_mplug.metrics import grounding_accuracy
 
 logger = logging.getLogger("run_grounding")
@@ -98,30 +98,6 @@ def load_data(data_args: DataArguments, image_size: int):
         raw = load_shapes_dataset(data_args.num_train_examples, data_args.num_eval_examples, image_size=image_size)
     raw = with_validation_split(raw, (data_args.image_column, data_args.phrase_column, data_args.box_column))
     return raw
-
-
-class GroundingCollator:
-    """Letterboxed images, `[CLS] phrase [SEP]` ids and normalised `(cx, cy, w, h)` targets (`prepare_grounding`)."""
-
-    def __init__(self, processor: MPLUGProcessor, data_args: DataArguments):
-        self.processor, self.data_args = processor, data_args
-
-    def __call__(self, rows: list[dict]) -> dict:
-        args = self.data_args
-        for index, row in enumerate(rows):
-            phrase, box = row.get(args.phrase_column), row.get(args.box_column)
-            if not isinstance(phrase, str) or not phrase.strip():
-                raise ValueError(f"Example {index}: `{args.phrase_column}` is empty.")
-            if box is None or len(box) != 4:
-                raise ValueError(f"Example {index}: `{args.box_column}` must be [x1, y1, x2, y2], got {box!r}.")
-        batch = self.processor.prepare_grounding(
-            [row[args.image_column] for row in rows],
-            [row[args.phrase_column] for row in rows],
-            boxes=[row[args.box_column] for row in rows],
-            max_length=args.max_length,
-        )
-        batch.pop("image_geometry")
-        return dict(batch)
 
 
 @torch.no_grad()
@@ -200,7 +176,9 @@ def main(argv: list[str] | None = None) -> dict:
         args=training_args,
         train_dataset=raw["train"],
         eval_dataset=raw["validation"],
-        data_collator=GroundingCollator(processor, data_args),
+        data_collator=MPLUGGroundingCollator(
+            processor, data_args.image_column, data_args.phrase_column, data_args.box_column, data_args.max_length
+        ),
         processor=processor,
         data_args=data_args,
     )

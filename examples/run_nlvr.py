@@ -27,7 +27,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 import transformers
 from mplug_examples import (
     DemoModelArguments,
@@ -43,7 +42,7 @@ from mplug_examples import (
 from transformers import Trainer, TrainingArguments, set_seed
 
 from transformers_mplug import MPLUGForVisualReasoning, MPLUGProcessor
-from transformers_mplug.data import shapes_pair_examples
+from transformers_mplug.data import MPLUGImageTextClassificationCollator, shapes_pair_examples
 
 logger = logging.getLogger("run_nlvr")
 
@@ -139,26 +138,6 @@ def load_data(data_args: DataArguments, image_size: int):
     return raw
 
 
-class PairCollator:
-    """Image pairs `(B, 2, C, H, W)`, `[CLS] sentence` ids and labels (0 false, 1 true)."""
-
-    def __init__(self, processor: MPLUGProcessor, data_args: DataArguments):
-        self.processor, self.data_args = processor, data_args
-
-    def __call__(self, rows: list[dict]) -> dict:
-        args = self.data_args
-        for index, row in enumerate(rows):
-            if not isinstance(row[args.sentence_column], str) or not row[args.sentence_column].strip():
-                raise ValueError(f"Example {index}: `{args.sentence_column}` is empty.")
-            if int(row[args.label_column]) not in (0, 1):
-                raise ValueError(f"Example {index}: `{args.label_column}` must be 0/1, got {row[args.label_column]!r}.")
-        batch = dict(self.processor.encode_image_pairs([(r[args.left_column], r[args.right_column]) for r in rows]))
-        texts = [row[args.sentence_column] for row in rows]
-        batch.update(self.processor.encode_text(texts, truncation=True, max_length=args.max_length))
-        batch["labels"] = torch.tensor([int(row[args.label_column]) for row in rows])
-        return batch
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser, (model_args, data_args, training_args) = parse_with_defaults(
         (DemoModelArguments, DataArguments, TrainingArguments), DEMO_DEFAULTS, sys.argv[1:] if argv is None else argv
@@ -186,7 +165,14 @@ def main(argv: list[str] | None = None) -> dict:
         args=training_args,
         train_dataset=raw["train"],
         eval_dataset=raw["validation"],
-        data_collator=PairCollator(processor, data_args),
+        data_collator=MPLUGImageTextClassificationCollator(
+            processor,
+            label2id,
+            text_column=data_args.sentence_column,
+            label_column=data_args.label_column,
+            pair_columns=(data_args.left_column, data_args.right_column),
+            max_length=data_args.max_length,
+        ),
         compute_metrics=accuracy_metrics,
     )
     ignore = ["fused_text_embeds"]

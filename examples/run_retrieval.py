@@ -25,7 +25,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 import transformers
 from mplug_examples import (
     DemoModelArguments,
@@ -43,7 +42,7 @@ from mplug_examples import (
 from transformers import TrainingArguments, set_seed
 
 from transformers_mplug import MPLUGForRetrieval, MPLUGProcessor
-from transformers_mplug.data import load_shapes_dataset
+from transformers_mplug.data import MPLUGRetrievalCollator, load_shapes_dataset
 
 logger = logging.getLogger("run_retrieval")
 
@@ -122,26 +121,6 @@ def load_data(data_args: DataArguments, image_size: int):
     return raw
 
 
-class RetrievalCollator:
-    """Images, texts and image ids (`idx`: texts of one image are ITC positives and never ITM negatives)."""
-
-    def __init__(self, processor: MPLUGProcessor, data_args: DataArguments):
-        self.processor, self.data_args = processor, data_args
-
-    def __call__(self, rows: list[dict]) -> dict:
-        args = self.data_args
-        texts = [row[args.text_column] for row in rows]
-        for index, text in enumerate(texts):
-            if not isinstance(text, str) or not text.strip():
-                raise ValueError(f"Example {index}: `{args.text_column}` is empty.")
-        batch = dict(self.processor(images=[row[args.image_column] for row in rows]))
-        batch.update(self.processor.encode_text(texts, truncation=True, max_length=args.max_length))
-        if args.image_id_column:
-            batch["idx"] = torch.as_tensor([row[args.image_id_column] for row in rows], dtype=torch.long)
-        batch["return_loss"] = True  # the training step's losses (the model's forward gives ITC logits otherwise)
-        return batch
-
-
 class RetrievalTrainer(LossComponentsTrainer):
     """Logs `loss_itc` / `loss_itm` and, at evaluation, Recall@K through `retrieve`."""
 
@@ -193,7 +172,9 @@ def main(argv: list[str] | None = None) -> dict:
         args=training_args,
         train_dataset=raw["train"],
         eval_dataset=raw["validation"],
-        data_collator=RetrievalCollator(processor, data_args),
+        data_collator=MPLUGRetrievalCollator(
+            processor, data_args.image_column, data_args.text_column, data_args.image_id_column, data_args.max_length
+        ),
         processor=processor,
         data_args=data_args,
         k_test=model_args.k_test,

@@ -25,7 +25,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 import transformers
 from mplug_examples import (
     DemoModelArguments,
@@ -41,7 +40,11 @@ from mplug_examples import (
 from transformers import Trainer, TrainingArguments, set_seed
 
 from transformers_mplug import MPLUGForVisualEntailment, MPLUGProcessor
-from transformers_mplug.data import ENTAILMENT_LABELS, load_shapes_entailment_dataset
+from transformers_mplug.data import (
+    ENTAILMENT_LABELS,
+    MPLUGImageTextClassificationCollator,
+    load_shapes_entailment_dataset,
+)
 
 logger = logging.getLogger("run_ve")
 
@@ -131,33 +134,6 @@ def load_data(data_args: DataArguments, image_size: int):
     return raw
 
 
-class EntailmentCollator:
-    """Images, `[CLS] hypothesis` ids and class ids (label names are mapped through `label2id`)."""
-
-    def __init__(self, processor: MPLUGProcessor, data_args: DataArguments, label2id: dict[str, int]):
-        self.processor, self.data_args, self.label2id = processor, data_args, label2id
-
-    def __call__(self, rows: list[dict]) -> dict:
-        args = self.data_args
-        labels = []
-        for index, row in enumerate(rows):
-            hypothesis, label = row[args.hypothesis_column], row[args.label_column]
-            if not isinstance(hypothesis, str) or not hypothesis.strip():
-                raise ValueError(f"Example {index}: `{args.hypothesis_column}` is empty.")
-            if isinstance(label, str):
-                if label not in self.label2id:
-                    raise ValueError(f"Example {index}: label {label!r} is not one of {sorted(self.label2id)}.")
-                label = self.label2id[label]
-            if not 0 <= int(label) < len(self.label2id):
-                raise ValueError(f"Example {index}: label {label!r} is not a class id in [0, {len(self.label2id)}).")
-            labels.append(int(label))
-        batch = dict(self.processor(images=[row[args.image_column] for row in rows]))
-        texts = [row[args.hypothesis_column] for row in rows]
-        batch.update(self.processor.encode_text(texts, truncation=True, max_length=args.max_length))
-        batch["labels"] = torch.tensor(labels)
-        return batch
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser, (model_args, data_args, training_args) = parse_with_defaults(
         (DemoModelArguments, DataArguments, TrainingArguments), DEMO_DEFAULTS, sys.argv[1:] if argv is None else argv
@@ -187,7 +163,14 @@ def main(argv: list[str] | None = None) -> dict:
         args=training_args,
         train_dataset=raw["train"],
         eval_dataset=raw["validation"],
-        data_collator=EntailmentCollator(processor, data_args, model.config.label2id),
+        data_collator=MPLUGImageTextClassificationCollator(
+            processor,
+            model.config.label2id,
+            data_args.image_column,
+            data_args.hypothesis_column,
+            data_args.label_column,
+            max_length=data_args.max_length,
+        ),
         compute_metrics=accuracy_metrics,
     )
     started = time.time()

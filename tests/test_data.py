@@ -151,3 +151,61 @@ def test_a_prompt_that_leaves_no_caption_token_is_refused(shapes_processor):
     with pytest.raises(ValueError, match="leaves no caption token within `max_length` 3"):
         MPLUGCaptioningCollator(shapes_processor, prompt="a red circle", max_length=3)
     MPLUGCaptioningCollator(shapes_processor, prompt="a red circle", max_length=5)  # room for one caption token
+
+
+# ------------------------------------------------------------------------------------------------ task collators
+def _image(value: int):
+    from PIL import Image
+
+    return Image.new("RGB", (40, 30), (value, 20, 200))
+
+
+def test_retrieval_collator_batches_texts_ids_and_asks_for_the_loss(processor):
+    from transformers_mplug.data import MPLUGRetrievalCollator
+
+    rows = [{"image": _image(10), "caption": "a red cat", "image_id": 3}, {"image": _image(90), "caption": "two dogs"}]
+    rows[1]["image_id"] = 3
+    batch = MPLUGRetrievalCollator(processor, text_column="caption", idx_column="image_id")(rows)
+    assert batch["pixel_values"].shape == (2, 3, 32, 32) and batch["return_loss"] is True
+    assert batch["idx"].tolist() == [3, 3]
+    assert torch.equal(batch["input_ids"], processor.encode_text(["a red cat", "two dogs"])["input_ids"])
+    with pytest.raises(ValueError, match="Example 1: `caption` is empty"):
+        MPLUGRetrievalCollator(processor)([rows[0], {"image": _image(1), "caption": " "}])
+
+
+def test_classification_collator_maps_labels_for_single_images_and_pairs(processor):
+    from transformers_mplug.data import MPLUGImageTextClassificationCollator
+
+    label2id = {"entailment": 0, "neutral": 1, "contradiction": 2}
+    rows = [
+        {"image": _image(10), "hypothesis": "a cat", "label": "neutral"},
+        {"image": _image(50), "hypothesis": "a dog", "label": 2},
+    ]
+    batch = MPLUGImageTextClassificationCollator(processor, label2id)(rows)
+    assert batch["labels"].tolist() == [1, 2] and batch["pixel_values"].shape == (2, 3, 32, 32)
+    with pytest.raises(ValueError, match="label 'maybe' is not one of"):
+        MPLUGImageTextClassificationCollator(processor, label2id)([dict(rows[0], label="maybe")])
+    with pytest.raises(ValueError, match=r"label 3 is not a class id in \[0, 3\)"):
+        MPLUGImageTextClassificationCollator(processor, label2id)([dict(rows[0], label=3)])
+    pairs = [{"left": _image(1), "right": _image(200), "sentence": "two cats", "label": 1}]
+    collator = MPLUGImageTextClassificationCollator(
+        processor, {"false": 0, "true": 1}, text_column="sentence", pair_columns=("left", "right")
+    )
+    batch = collator(pairs)
+    assert batch["pixel_values"].shape == (1, 2, 3, 32, 32) and batch["labels"].tolist() == [1]
+
+
+def test_grounding_collator_normalises_pixel_boxes(processor):
+    from transformers_mplug import MPLUGProcessor
+    from transformers_mplug.data import MPLUGGroundingCollator
+
+    grounding = MPLUGProcessor(
+        processor.image_processor, processor.tokenizer, coordinate_start_token="[unused20]", num_coordinate_bins=33
+    )
+    rows = [{"image": _image(10), "phrase": "the cat", "box": [0, 0, 40, 30]}]
+    batch = MPLUGGroundingCollator(grounding)(rows)
+    expected = grounding.prepare_grounding([rows[0]["image"]], ["the cat"], boxes=[[0, 0, 40, 30]])
+    torch.testing.assert_close(batch["boxes"], expected["boxes"])
+    assert "image_geometry" not in batch
+    with pytest.raises(ValueError, match=r"`box` must be \[x1, y1, x2, y2\]"):
+        MPLUGGroundingCollator(grounding)([dict(rows[0], box=[1, 2])])

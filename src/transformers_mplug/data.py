@@ -435,6 +435,115 @@ class MPLUGCaptioningCollator:
         return dict(batch)
 
 
+def _texts(rows: list[dict[str, Any]], name: str) -> list[str]:
+    texts = _column(rows, name)
+    for index, text in enumerate(texts):
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"Example {index}: `{name}` is empty.")
+    return texts
+
+
+class MPLUGRetrievalCollator:
+    """Batches image-text rows for [`MPLUGForRetrieval`] training: images, `[CLS] text` ids, optional image ids
+    (`idx`: texts of one image are ITC positives and never ITM negatives) and `return_loss=True`."""
+
+    def __init__(
+        self,
+        processor: MPLUGProcessor,
+        image_column: str = "image",
+        text_column: str = "caption",
+        idx_column: str | None = None,
+        max_length: int = 30,
+    ):
+        self.processor = processor
+        self.columns = (image_column, text_column, idx_column)
+        self.max_length = max_length
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        image_column, text_column, idx_column = self.columns
+        texts = _texts(rows, text_column)
+        batch = dict(self.processor(images=_column(rows, image_column)))
+        batch.update(self.processor.encode_text(texts, truncation=True, max_length=self.max_length))
+        if idx_column:
+            batch["idx"] = torch.as_tensor(_column(rows, idx_column), dtype=torch.long)
+        batch["return_loss"] = True  # the training step's losses (the forward gives ITC logits otherwise)
+        return batch
+
+
+class MPLUGImageTextClassificationCollator:
+    """Batches rows for [`MPLUGForVisualEntailment`] (`image`, `hypothesis`, `label`) and, with `pair_columns`,
+    [`MPLUGForVisualReasoning`] (two images per row, `(B, 2, C, H, W)`): `[CLS] text` ids and class ids (label names
+    are mapped through `label2id`)."""
+
+    def __init__(
+        self,
+        processor: MPLUGProcessor,
+        label2id: dict[str, int],
+        image_column: str = "image",
+        text_column: str = "hypothesis",
+        label_column: str = "label",
+        pair_columns: tuple[str, str] | None = None,
+        max_length: int = 40,
+    ):
+        if not label2id:
+            raise ValueError("`label2id` must map at least one label name to its id.")
+        self.processor, self.label2id = processor, dict(label2id)
+        self.columns = (image_column, text_column, label_column)
+        self.pair_columns = pair_columns
+        self.max_length = max_length
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        image_column, text_column, label_column = self.columns
+        texts = _texts(rows, text_column)
+        labels = []
+        for index, label in enumerate(_column(rows, label_column)):
+            if isinstance(label, str):
+                if label not in self.label2id:
+                    raise ValueError(f"Example {index}: label {label!r} is not one of {sorted(self.label2id)}.")
+                label = self.label2id[label]
+            if not 0 <= int(label) < len(self.label2id):
+                raise ValueError(f"Example {index}: label {label!r} is not a class id in [0, {len(self.label2id)}).")
+            labels.append(int(label))
+        if self.pair_columns is not None:
+            left, right = self.pair_columns
+            batch = dict(self.processor.encode_image_pairs(list(zip(_column(rows, left), _column(rows, right)))))
+        else:
+            batch = dict(self.processor(images=_column(rows, image_column)))
+        batch.update(self.processor.encode_text(texts, truncation=True, max_length=self.max_length))
+        batch["labels"] = torch.tensor(labels)
+        return batch
+
+
+class MPLUGGroundingCollator:
+    """Batches grounding rows (`image`, `phrase`, pixel `box` `[x1, y1, x2, y2]`) for [`MPLUGForGrounding`]:
+    letterboxed images, `[CLS] phrase [SEP]` ids and normalised `(cx, cy, w, h)` targets (`prepare_grounding`)."""
+
+    def __init__(
+        self,
+        processor: MPLUGProcessor,
+        image_column: str = "image",
+        phrase_column: str = "phrase",
+        box_column: str = "box",
+        max_length: int | None = None,
+    ):
+        self.processor = processor
+        self.columns = (image_column, phrase_column, box_column)
+        self.max_length = max_length
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        image_column, phrase_column, box_column = self.columns
+        phrases = _texts(rows, phrase_column)
+        boxes = _column(rows, box_column)
+        for index, box in enumerate(boxes):
+            if box is None or len(box) != 4:
+                raise ValueError(f"Example {index}: `{box_column}` must be [x1, y1, x2, y2], got {box!r}.")
+        batch = self.processor.prepare_grounding(
+            _column(rows, image_column), phrases, boxes=boxes, max_length=self.max_length
+        )
+        batch.pop("image_geometry")
+        return dict(batch)
+
+
 def mask_text_tokens(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
@@ -542,6 +651,9 @@ __all__ = [
     "MPLUGVQACollator",
     "MPLUGCaptioningCollator",
     "MPLUGPretrainingCollator",
+    "MPLUGRetrievalCollator",
+    "MPLUGImageTextClassificationCollator",
+    "MPLUGGroundingCollator",
     "mask_text_tokens",
     "ENTAILMENT_LABELS",
     "shapes_pair_examples",
