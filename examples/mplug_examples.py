@@ -87,12 +87,67 @@ def warn_about_stale_extension_locks(max_age_s: float = 900.0) -> list[Path]:
     return stale
 
 
+def start_run(training_args: TrainingArguments) -> None:
+    """What every script does first: the CPU/DeepSpeed process setup, logging, and the seed."""
+    import transformers
+
+    prepare_distributed(training_args)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    transformers.utils.logging.set_verbosity_warning()
+    transformers.set_seed(training_args.seed)
+
+
 def finish_distributed() -> None:
     """Wait for every rank, then close the process group: a rank that exits while another still holds the group
     can abort at interpreter shutdown ("terminate called without an active exception")."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+
+
+@dataclass
+class DemoDataArguments:
+    """The data arguments every script has; each script's `DataArguments` adds its columns and lengths."""
+
+    dataset_name: str | None = field(default=None)
+    train_file: str | None = field(default=None)
+    validation_file: str | None = field(default=None)
+    annotation_format: str = field(default="columns", metadata={"help": "'columns' or the task's original format"})
+    image_root: str | None = field(default=None)
+    num_train_examples: int = field(default=2000, metadata={"help": "embedded dataset size"})
+    num_eval_examples: int = field(default=200)
+
+
+def demo_defaults(
+    name: str,
+    epochs: int,
+    learning_rate: str,
+    train_batch_size: int = 32,
+    warmup_steps: int = 20,
+    eval_strategy: str = "epoch",
+) -> list[str]:
+    """A script's demo training arguments (what it runs with no arguments on the embedded data); the command line
+    overrides any of them."""
+    return [
+        "--output_dir",
+        f"outputs/{name}",
+        "--num_train_epochs",
+        str(epochs),
+        "--per_device_train_batch_size",
+        str(train_batch_size),
+        "--per_device_eval_batch_size",
+        "64",
+        "--learning_rate",
+        learning_rate,
+        "--weight_decay",
+        "0.02",
+        "--warmup_steps",
+        str(warmup_steps),
+        "--lr_scheduler_type",
+        "cosine",
+        "--eval_strategy",
+        eval_strategy,
+    ]
 
 
 def load_image_column(dataset, column: str, image_root: str | None):
@@ -116,17 +171,36 @@ def load_image_column(dataset, column: str, image_root: str | None):
     return dataset.cast_column(column, datasets.Image())
 
 
-def load_files(train_file: str | None, validation_file: str | None, image_column: str, image_root: str | None):
-    """JSON/CSV files (or a list of rows already read, e.g. from an original annotation file) as a DatasetDict with
-    decoded images."""
+def load_task_data(
+    data_args,
+    required_columns,
+    embedded,
+    image_columns=("image",),
+    annotation_rows=None,
+    annotation_format: str | None = None,
+):
+    """A task's DatasetDict: `--dataset_name` (Hub/local dataset), `--train_file/--validation_file` (JSON/CSV rows, or
+    the original annotation format `annotation_format` read by `annotation_rows(path) -> rows`; image paths in
+    `image_columns` decoded under `--image_root`), else `embedded()` (the offline demo data); then
+    [`with_validation_split`] checks `required_columns`."""
     import datasets
 
-    files = {"train": train_file}
-    if validation_file:
-        files["validation"] = validation_file
-    kind = "csv" if train_file.endswith(".csv") else "json"
-    raw = datasets.load_dataset(kind, data_files=files)
-    return datasets.DatasetDict({k: load_image_column(v, image_column, image_root) for k, v in raw.items()})
+    if getattr(data_args, "dataset_name", None):
+        raw = datasets.load_dataset(data_args.dataset_name)
+    elif data_args.train_file:
+        files = {"train": data_args.train_file}
+        if data_args.validation_file:
+            files["validation"] = data_args.validation_file
+        if annotation_rows is not None and getattr(data_args, "annotation_format", None) == annotation_format:
+            raw = datasets.DatasetDict({k: datasets.Dataset.from_list(annotation_rows(v)) for k, v in files.items()})
+        else:
+            kind = "csv" if data_args.train_file.endswith(".csv") else "json"
+            raw = datasets.load_dataset(kind, data_files=files)
+        for column in image_columns:
+            raw = datasets.DatasetDict({k: load_image_column(v, column, data_args.image_root) for k, v in raw.items()})
+    else:
+        raw = embedded()
+    return with_validation_split(raw, required_columns)
 
 
 def demo_processor(output_dir: Path, image_size: int, vocab_path: str | None = None) -> MPLUGProcessor:

@@ -26,20 +26,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import transformers
 from mplug_examples import (
+    DemoDataArguments,
     DemoModelArguments,
+    demo_defaults,
     demo_processor,
     evaluation_decoding,
     finish_distributed,
-    load_image_column,
+    load_task_data,
     parse_with_defaults,
     plot_curves,
-    prepare_distributed,
     read_caption_annotations,
-    with_validation_split,
+    start_run,
 )
-from transformers import Trainer, TrainingArguments, set_seed
+from transformers import Trainer, TrainingArguments
 
 from transformers_mplug import MPLUGForCaptioning, MPLUGProcessor
 from transformers_mplug.data import MPLUGCaptioningCollator, load_shapes_dataset
@@ -48,26 +48,7 @@ from transformers_mplug.training import self_critical_loss
 
 logger = logging.getLogger("run_captioning")
 
-DEMO_DEFAULTS = [
-    "--output_dir",
-    "outputs/run_captioning",
-    "--num_train_epochs",
-    "6",
-    "--per_device_train_batch_size",
-    "32",
-    "--per_device_eval_batch_size",
-    "64",
-    "--learning_rate",
-    "5e-4",
-    "--weight_decay",
-    "0.02",
-    "--warmup_steps",
-    "20",
-    "--lr_scheduler_type",
-    "cosine",
-    "--eval_strategy",
-    "epoch",
-]
+DEMO_DEFAULTS = demo_defaults("run_captioning", epochs=6, learning_rate="5e-4")
 
 
 @dataclass
@@ -84,18 +65,12 @@ class ModelArguments(DemoModelArguments):
 
 
 @dataclass
-class DataArguments:
-    dataset_name: str | None = field(default=None)
-    train_file: str | None = field(default=None)
-    validation_file: str | None = field(default=None)
+class DataArguments(DemoDataArguments):
     annotation_format: str = field(default="columns", metadata={"help": "'columns' or 'alicemind'"})
-    image_root: str | None = field(default=None)
     image_column: str = field(default="image")
     caption_column: str = field(default="caption")
     prompt: str = field(default="", metadata={"help": "text the decoder starts from (no loss on it)"})
     max_length: int = field(default=30)
-    num_train_examples: int = field(default=2000, metadata={"help": "embedded dataset size"})
-    num_eval_examples: int = field(default=200)
 
 
 def _alicemind_rows(path: str) -> list[dict]:
@@ -108,26 +83,14 @@ def _alicemind_rows(path: str) -> list[dict]:
 
 
 def load_data(data_args: DataArguments, image_size: int):
-    import datasets
-
-    if data_args.dataset_name:
-        raw = datasets.load_dataset(data_args.dataset_name)
-    elif data_args.train_file:
-        splits = {"train": data_args.train_file}
-        if data_args.validation_file:
-            splits["validation"] = data_args.validation_file
-        if data_args.annotation_format == "alicemind":
-            raw = datasets.DatasetDict({k: datasets.Dataset.from_list(_alicemind_rows(v)) for k, v in splits.items()})
-        else:
-            kind = "csv" if data_args.train_file.endswith(".csv") else "json"
-            raw = datasets.load_dataset(kind, data_files=splits)
-        raw = datasets.DatasetDict(
-            {k: load_image_column(v, data_args.image_column, data_args.image_root) for k, v in raw.items()}
-        )
-    else:
-        raw = load_shapes_dataset(data_args.num_train_examples, data_args.num_eval_examples, image_size=image_size)
-    raw = with_validation_split(raw, (data_args.image_column, data_args.caption_column))
-    return raw
+    return load_task_data(
+        data_args,
+        (data_args.image_column, data_args.caption_column),
+        lambda: load_shapes_dataset(data_args.num_train_examples, data_args.num_eval_examples, image_size=image_size),
+        (data_args.image_column,),
+        _alicemind_rows,
+        "alicemind",
+    )
 
 
 def references_of(dataset, data_args: DataArguments) -> list[list[str]]:
@@ -239,10 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     if data_args.annotation_format not in ("columns", "alicemind"):
         parser.error("--annotation_format must be 'columns' or 'alicemind'")
-    prepare_distributed(training_args)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    transformers.utils.logging.set_verbosity_warning()
-    set_seed(training_args.seed)
+    start_run(training_args)
     output_dir = Path(training_args.output_dir)
     model, processor = build_model(model_args, output_dir)
     # evaluation, SCST (its beam size aside) and the saved folder decode with this

@@ -25,18 +25,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import transformers
 from mplug_examples import (
+    DemoDataArguments,
     DemoModelArguments,
+    demo_defaults,
     demo_processor,
     finish_distributed,
-    load_files,
+    load_task_data,
     parse_with_defaults,
     plot_curves,
-    prepare_distributed,
-    with_validation_split,
+    start_run,
 )
-from transformers import Trainer, TrainingArguments, set_seed
+from transformers import Trainer, TrainingArguments
 
 from transformers_mplug import MPLUGForGrounding, MPLUGProcessor
 from transformers_mplug.data import MPLUGGroundingCollator, load_shapes_dataset
@@ -44,26 +44,7 @@ from transformers_mplug.metrics import grounding_accuracy
 
 logger = logging.getLogger("run_grounding")
 
-DEMO_DEFAULTS = [
-    "--output_dir",
-    "outputs/run_grounding",
-    "--num_train_epochs",
-    "8",
-    "--per_device_train_batch_size",
-    "32",
-    "--per_device_eval_batch_size",
-    "64",
-    "--learning_rate",
-    "5e-4",
-    "--weight_decay",
-    "0.02",
-    "--warmup_steps",
-    "20",
-    "--lr_scheduler_type",
-    "cosine",
-    "--eval_strategy",
-    "epoch",
-]
+DEMO_DEFAULTS = demo_defaults("run_grounding", epochs=8, learning_rate="5e-4")
 # the demo vocabulary has 99 [unused] tokens: [unused0] is the box prefix, [unused1..64] are 64 coordinate bins
 DEMO_GROUNDING_TOKENS = {"prefix": "[unused0]", "start": "[unused1]", "bins": 64}
 
@@ -74,30 +55,20 @@ class ModelArguments(DemoModelArguments):
 
 
 @dataclass
-class DataArguments:
-    dataset_name: str | None = field(default=None)
-    train_file: str | None = field(default=None)
-    validation_file: str | None = field(default=None)
-    image_root: str | None = field(default=None)
+class DataArguments(DemoDataArguments):
     image_column: str = field(default="image")
     phrase_column: str = field(default="phrase")
     box_column: str = field(default="box")
     max_length: int = field(default=25)
-    num_train_examples: int = field(default=2000, metadata={"help": "embedded dataset size"})
-    num_eval_examples: int = field(default=200)
 
 
 def load_data(data_args: DataArguments, image_size: int):
-    import datasets
-
-    if data_args.dataset_name:
-        raw = datasets.load_dataset(data_args.dataset_name)
-    elif data_args.train_file:
-        raw = load_files(data_args.train_file, data_args.validation_file, data_args.image_column, data_args.image_root)
-    else:
-        raw = load_shapes_dataset(data_args.num_train_examples, data_args.num_eval_examples, image_size=image_size)
-    raw = with_validation_split(raw, (data_args.image_column, data_args.phrase_column, data_args.box_column))
-    return raw
+    return load_task_data(
+        data_args,
+        (data_args.image_column, data_args.phrase_column, data_args.box_column),
+        lambda: load_shapes_dataset(data_args.num_train_examples, data_args.num_eval_examples, image_size=image_size),
+        (data_args.image_column,),
+    )
 
 
 @torch.no_grad()
@@ -164,10 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
     _, (model_args, data_args, training_args) = parse_with_defaults(
         (ModelArguments, DataArguments, TrainingArguments), DEMO_DEFAULTS, sys.argv[1:] if argv is None else argv
     )
-    prepare_distributed(training_args)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    transformers.utils.logging.set_verbosity_warning()
-    set_seed(training_args.seed)
+    start_run(training_args)
     output_dir = Path(training_args.output_dir)
     model, processor = build_model(model_args, output_dir)
     raw = load_data(data_args, processor.image_processor.size["height"])

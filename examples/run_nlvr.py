@@ -27,60 +27,37 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import transformers
 from mplug_examples import (
+    DemoDataArguments,
     DemoModelArguments,
     accuracy_metrics,
+    demo_defaults,
     demo_processor,
     finish_distributed,
-    load_image_column,
+    load_task_data,
     parse_with_defaults,
     plot_curves,
-    prepare_distributed,
-    with_validation_split,
+    start_run,
 )
-from transformers import Trainer, TrainingArguments, set_seed
+from transformers import Trainer, TrainingArguments
 
 from transformers_mplug import MPLUGForVisualReasoning, MPLUGProcessor
 from transformers_mplug.data import MPLUGImageTextClassificationCollator, shapes_pair_examples
 
 logger = logging.getLogger("run_nlvr")
 
-DEMO_DEFAULTS = [
-    "--output_dir",
-    "outputs/run_nlvr",
-    "--num_train_epochs",
-    "8",
-    "--per_device_train_batch_size",
-    "32",
-    "--per_device_eval_batch_size",
-    "64",
-    "--learning_rate",
-    "3e-4",
-    "--weight_decay",
-    "0.02",
-    "--warmup_steps",
-    "20",
-    "--lr_scheduler_type",
-    "cosine",
-    "--eval_strategy",
-    "epoch",
-]
+DEMO_DEFAULTS = demo_defaults("run_nlvr", epochs=8, learning_rate="3e-4")
 LABELS = {0: "false", 1: "true"}
 
 
 @dataclass
-class DataArguments:
-    train_file: str | None = field(default=None)
-    validation_file: str | None = field(default=None)
+class DataArguments(DemoDataArguments):
     annotation_format: str = field(default="columns", metadata={"help": "'columns' or 'nlvr2'"})
-    image_root: str | None = field(default=None)
     left_column: str = field(default="left")
     right_column: str = field(default="right")
     sentence_column: str = field(default="sentence")
     label_column: str = field(default="label")
     max_length: int = field(default=40)
-    num_train_examples: int = field(default=2000, metadata={"help": "embedded dataset size"})
     num_eval_examples: int = field(default=300)
 
 
@@ -112,19 +89,8 @@ def _nlvr2_rows(path: str) -> list[dict]:
 def load_data(data_args: DataArguments, image_size: int):
     import datasets
 
-    if data_args.train_file:
-        splits = {"train": data_args.train_file}
-        if data_args.validation_file:
-            splits["validation"] = data_args.validation_file
-        if data_args.annotation_format == "nlvr2":
-            raw = datasets.DatasetDict({k: datasets.Dataset.from_list(_nlvr2_rows(v)) for k, v in splits.items()})
-        else:
-            kind = "csv" if data_args.train_file.endswith(".csv") else "json"
-            raw = datasets.load_dataset(kind, data_files=splits)
-        for column in (data_args.left_column, data_args.right_column):
-            raw = datasets.DatasetDict({k: load_image_column(v, column, data_args.image_root) for k, v in raw.items()})
-    else:
-        raw = datasets.DatasetDict(
+    def embedded():
+        return datasets.DatasetDict(
             {
                 "train": datasets.Dataset.from_list(shapes_pair_examples(data_args.num_train_examples, 0, image_size)),
                 "validation": datasets.Dataset.from_list(
@@ -132,10 +98,15 @@ def load_data(data_args: DataArguments, image_size: int):
                 ),
             }
         )
-    raw = with_validation_split(
-        raw, (data_args.left_column, data_args.right_column, data_args.sentence_column, data_args.label_column)
+
+    return load_task_data(
+        data_args,
+        (data_args.left_column, data_args.right_column, data_args.sentence_column, data_args.label_column),
+        embedded,
+        (data_args.left_column, data_args.right_column),
+        _nlvr2_rows,
+        "nlvr2",
     )
-    return raw
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -144,10 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     if data_args.annotation_format not in ("columns", "nlvr2"):
         parser.error("--annotation_format must be 'columns' or 'nlvr2'")
-    prepare_distributed(training_args)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    transformers.utils.logging.set_verbosity_warning()
-    set_seed(training_args.seed)
+    start_run(training_args)
     output_dir = Path(training_args.output_dir)
     label2id = {v: k for k, v in LABELS.items()}
     if model_args.model_name_or_path:

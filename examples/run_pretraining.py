@@ -24,46 +24,27 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import transformers
 from mplug_examples import (
+    DemoDataArguments,
     DemoModelArguments,
     LossComponentsTrainer,
+    demo_defaults,
     demo_processor,
     finish_distributed,
-    load_files,
+    load_task_data,
     parse_with_defaults,
     plot_curves,
-    prepare_distributed,
     retrieval_evaluation,
-    with_validation_split,
+    start_run,
 )
-from transformers import TrainingArguments, set_seed
+from transformers import TrainingArguments
 
 from transformers_mplug import MPLUGForPreTraining, MPLUGMomentumCallback, MPLUGProcessor
 from transformers_mplug.data import MPLUGPretrainingCollator, load_shapes_dataset
 
 logger = logging.getLogger("run_pretraining")
 
-DEMO_DEFAULTS = [
-    "--output_dir",
-    "outputs/run_pretraining",
-    "--num_train_epochs",
-    "5",
-    "--per_device_train_batch_size",
-    "32",
-    "--per_device_eval_batch_size",
-    "64",
-    "--learning_rate",
-    "3e-4",
-    "--weight_decay",
-    "0.02",
-    "--warmup_steps",
-    "20",
-    "--lr_scheduler_type",
-    "cosine",
-    "--eval_strategy",
-    "no",
-]
+DEMO_DEFAULTS = demo_defaults("run_pretraining", epochs=5, learning_rate="3e-4", eval_strategy="no")
 
 
 @dataclass
@@ -81,17 +62,11 @@ class ModelArguments(DemoModelArguments):
 
 
 @dataclass
-class DataArguments:
-    dataset_name: str | None = field(default=None)
-    train_file: str | None = field(default=None)
-    validation_file: str | None = field(default=None)
-    image_root: str | None = field(default=None)
+class DataArguments(DemoDataArguments):
     image_column: str = field(default="image")
     caption_column: str = field(default="description")
     mlm_probability: float = field(default=0.15)
     max_length: int = field(default=30)
-    num_train_examples: int = field(default=2000, metadata={"help": "embedded dataset size"})
-    num_eval_examples: int = field(default=200)
     retrieval_k: int = field(default=16, metadata={"help": "ITC candidates re-ranked by ITM in the evaluation"})
 
 
@@ -131,16 +106,12 @@ def build_model(model_args: ModelArguments, output_dir: Path) -> tuple[MPLUGForP
 
 
 def load_data(data_args: DataArguments, image_size: int):
-    import datasets
-
-    if data_args.dataset_name:
-        raw = datasets.load_dataset(data_args.dataset_name)
-    elif data_args.train_file:
-        raw = load_files(data_args.train_file, data_args.validation_file, data_args.image_column, data_args.image_root)
-    else:
-        raw = load_shapes_dataset(data_args.num_train_examples, data_args.num_eval_examples, image_size=image_size)
-    raw = with_validation_split(raw, (data_args.image_column, data_args.caption_column))
-    return raw
+    return load_task_data(
+        data_args,
+        (data_args.image_column, data_args.caption_column),
+        lambda: load_shapes_dataset(data_args.num_train_examples, data_args.num_eval_examples, image_size=image_size),
+        (data_args.image_column,),
+    )
 
 
 class PretrainingTrainer(LossComponentsTrainer):
@@ -153,10 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
     _, (model_args, data_args, training_args) = parse_with_defaults(
         (ModelArguments, DataArguments, TrainingArguments), DEMO_DEFAULTS, sys.argv[1:] if argv is None else argv
     )
-    prepare_distributed(training_args)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    transformers.utils.logging.set_verbosity_warning()
-    set_seed(training_args.seed)
+    start_run(training_args)
     output_dir = Path(training_args.output_dir)
     model, processor = build_model(model_args, output_dir)
     raw = load_data(data_args, processor.image_processor.size["height"])

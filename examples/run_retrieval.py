@@ -25,47 +25,28 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import transformers
 from mplug_examples import (
+    DemoDataArguments,
     DemoModelArguments,
     LossComponentsTrainer,
+    demo_defaults,
     demo_processor,
     finish_distributed,
-    load_image_column,
+    load_task_data,
     parse_with_defaults,
     plot_curves,
-    prepare_distributed,
     read_caption_annotations,
     retrieval_evaluation,
-    with_validation_split,
+    start_run,
 )
-from transformers import TrainingArguments, set_seed
+from transformers import TrainingArguments
 
 from transformers_mplug import MPLUGForRetrieval, MPLUGProcessor
 from transformers_mplug.data import MPLUGRetrievalCollator, load_shapes_dataset
 
 logger = logging.getLogger("run_retrieval")
 
-DEMO_DEFAULTS = [
-    "--output_dir",
-    "outputs/run_retrieval",
-    "--num_train_epochs",
-    "6",
-    "--per_device_train_batch_size",
-    "32",
-    "--per_device_eval_batch_size",
-    "64",
-    "--learning_rate",
-    "3e-4",
-    "--weight_decay",
-    "0.02",
-    "--warmup_steps",
-    "20",
-    "--lr_scheduler_type",
-    "cosine",
-    "--eval_strategy",
-    "epoch",
-]
+DEMO_DEFAULTS = demo_defaults("run_retrieval", epochs=6, learning_rate="3e-4")
 
 
 @dataclass
@@ -75,18 +56,12 @@ class ModelArguments(DemoModelArguments):
 
 
 @dataclass
-class DataArguments:
-    dataset_name: str | None = field(default=None)
-    train_file: str | None = field(default=None)
-    validation_file: str | None = field(default=None)
+class DataArguments(DemoDataArguments):
     annotation_format: str = field(default="columns", metadata={"help": "'columns' or 'alicemind'"})
-    image_root: str | None = field(default=None)
     image_column: str = field(default="image")
     text_column: str = field(default="description")
     image_id_column: str | None = field(default=None, metadata={"help": "rows with equal ids share an image"})
     max_length: int = field(default=30)
-    num_train_examples: int = field(default=2000, metadata={"help": "embedded dataset size"})
-    num_eval_examples: int = field(default=200)
 
 
 def _alicemind_rows(path: str) -> list[dict]:
@@ -99,26 +74,14 @@ def _alicemind_rows(path: str) -> list[dict]:
 
 
 def load_data(data_args: DataArguments, image_size: int):
-    import datasets
-
-    if data_args.dataset_name:
-        raw = datasets.load_dataset(data_args.dataset_name)
-    elif data_args.train_file:
-        splits = {"train": data_args.train_file}
-        if data_args.validation_file:
-            splits["validation"] = data_args.validation_file
-        if data_args.annotation_format == "alicemind":
-            raw = datasets.DatasetDict({k: datasets.Dataset.from_list(_alicemind_rows(v)) for k, v in splits.items()})
-        else:
-            kind = "csv" if data_args.train_file.endswith(".csv") else "json"
-            raw = datasets.load_dataset(kind, data_files=splits)
-        raw = datasets.DatasetDict(
-            {k: load_image_column(v, data_args.image_column, data_args.image_root) for k, v in raw.items()}
-        )
-    else:
-        raw = load_shapes_dataset(data_args.num_train_examples, data_args.num_eval_examples, image_size=image_size)
-    raw = with_validation_split(raw, (data_args.image_column, data_args.text_column, data_args.image_id_column))
-    return raw
+    return load_task_data(
+        data_args,
+        (data_args.image_column, data_args.text_column, data_args.image_id_column),
+        lambda: load_shapes_dataset(data_args.num_train_examples, data_args.num_eval_examples, image_size=image_size),
+        (data_args.image_column,),
+        _alicemind_rows,
+        "alicemind",
+    )
 
 
 class RetrievalTrainer(LossComponentsTrainer):
@@ -154,10 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--annotation_format must be 'columns' or 'alicemind'")
     if data_args.annotation_format == "alicemind":
         data_args.text_column, data_args.image_id_column = "caption", "image_id"
-    prepare_distributed(training_args)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    transformers.utils.logging.set_verbosity_warning()
-    set_seed(training_args.seed)
+    start_run(training_args)
     output_dir = Path(training_args.output_dir)
     if model_args.model_name_or_path:
         model = MPLUGForRetrieval.from_pretrained(model_args.model_name_or_path)

@@ -25,19 +25,19 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import transformers
 from mplug_examples import (
+    DemoDataArguments,
     DemoModelArguments,
     accuracy_metrics,
+    demo_defaults,
     demo_processor,
     finish_distributed,
-    load_image_column,
+    load_task_data,
     parse_with_defaults,
     plot_curves,
-    prepare_distributed,
-    with_validation_split,
+    start_run,
 )
-from transformers import Trainer, TrainingArguments, set_seed
+from transformers import Trainer, TrainingArguments
 
 from transformers_mplug import MPLUGForVisualEntailment, MPLUGProcessor
 from transformers_mplug.data import (
@@ -48,40 +48,16 @@ from transformers_mplug.data import (
 
 logger = logging.getLogger("run_ve")
 
-DEMO_DEFAULTS = [
-    "--output_dir",
-    "outputs/run_ve",
-    "--num_train_epochs",
-    "8",
-    "--per_device_train_batch_size",
-    "32",
-    "--per_device_eval_batch_size",
-    "64",
-    "--learning_rate",
-    "3e-4",
-    "--weight_decay",
-    "0.02",
-    "--warmup_steps",
-    "20",
-    "--lr_scheduler_type",
-    "cosine",
-    "--eval_strategy",
-    "epoch",
-]
+DEMO_DEFAULTS = demo_defaults("run_ve", epochs=8, learning_rate="3e-4")
 
 
 @dataclass
-class DataArguments:
-    dataset_name: str | None = field(default=None)
-    train_file: str | None = field(default=None)
-    validation_file: str | None = field(default=None)
+class DataArguments(DemoDataArguments):
     annotation_format: str = field(default="columns", metadata={"help": "'columns' or 'snli_ve'"})
-    image_root: str | None = field(default=None)
     image_column: str = field(default="image")
     hypothesis_column: str = field(default="hypothesis")
     label_column: str = field(default="label")
     max_length: int = field(default=40)
-    num_train_examples: int = field(default=2000, metadata={"help": "embedded dataset size"})
     num_eval_examples: int = field(default=300)
 
 
@@ -110,28 +86,16 @@ def _snli_ve_rows(path: str) -> list[dict]:
 
 
 def load_data(data_args: DataArguments, image_size: int):
-    import datasets
-
-    if data_args.dataset_name:
-        raw = datasets.load_dataset(data_args.dataset_name)
-    elif data_args.train_file:
-        splits = {"train": data_args.train_file}
-        if data_args.validation_file:
-            splits["validation"] = data_args.validation_file
-        if data_args.annotation_format == "snli_ve":
-            raw = datasets.DatasetDict({k: datasets.Dataset.from_list(_snli_ve_rows(v)) for k, v in splits.items()})
-        else:
-            kind = "csv" if data_args.train_file.endswith(".csv") else "json"
-            raw = datasets.load_dataset(kind, data_files=splits)
-        raw = datasets.DatasetDict(
-            {k: load_image_column(v, data_args.image_column, data_args.image_root) for k, v in raw.items()}
-        )
-    else:
-        raw = load_shapes_entailment_dataset(
+    return load_task_data(
+        data_args,
+        (data_args.image_column, data_args.hypothesis_column, data_args.label_column),
+        lambda: load_shapes_entailment_dataset(
             data_args.num_train_examples, data_args.num_eval_examples, image_size=image_size
-        )
-    raw = with_validation_split(raw, (data_args.image_column, data_args.hypothesis_column, data_args.label_column))
-    return raw
+        ),
+        (data_args.image_column,),
+        _snli_ve_rows,
+        "snli_ve",
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -140,10 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     if data_args.annotation_format not in ("columns", "snli_ve"):
         parser.error("--annotation_format must be 'columns' or 'snli_ve'")
-    prepare_distributed(training_args)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    transformers.utils.logging.set_verbosity_warning()
-    set_seed(training_args.seed)
+    start_run(training_args)
     output_dir = Path(training_args.output_dir)
     id2label = dict(enumerate(ENTAILMENT_LABELS))
     if model_args.model_name_or_path:

@@ -26,16 +26,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import transformers
-from mplug_examples import (  # the examples folder (next to this script)
+from mplug_examples import (
+    DemoDataArguments,
     DemoModelArguments,
+    demo_defaults,  # the examples folder (next to this script)
     demo_processor,
     evaluation_decoding,
     finish_distributed,
-    load_image_column,
-    prepare_distributed,
+    load_task_data,
+    parse_with_defaults,
+    start_run,
 )
-from transformers import HfArgumentParser, Trainer, TrainingArguments, pipeline, set_seed
+from transformers import Trainer, TrainingArguments, pipeline
 
 from transformers_mplug import MPLUGForQuestionAnswering, MPLUGProcessor
 from transformers_mplug.data import MPLUGVQACollator, load_shapes_dataset
@@ -43,36 +45,7 @@ from transformers_mplug.metrics import vqa_accuracy
 
 logger = logging.getLogger("run_vqa")
 
-DEMO_DEFAULTS = [
-    "--output_dir",
-    "outputs/run_vqa",
-    "--num_train_epochs",
-    "22",
-    "--per_device_train_batch_size",
-    "48",
-    "--per_device_eval_batch_size",
-    "64",
-    "--learning_rate",
-    "5e-4",
-    "--weight_decay",
-    "0.02",
-    "--warmup_steps",
-    "30",
-    "--lr_scheduler_type",
-    "cosine",
-    "--logging_steps",
-    "10",
-    "--eval_strategy",
-    "epoch",
-    "--save_strategy",
-    "no",
-    "--report_to",
-    "none",
-    "--dataloader_num_workers",
-    "0",
-    "--seed",
-    "0",
-]
+DEMO_DEFAULTS = demo_defaults("run_vqa", epochs=22, learning_rate="5e-4", train_batch_size=48, warmup_steps=30)
 
 
 @dataclass
@@ -100,12 +73,8 @@ class ModelArguments(DemoModelArguments):
 
 
 @dataclass
-class DataArguments:
-    dataset_name: str | None = field(default=None)
-    train_file: str | None = field(default=None)
-    validation_file: str | None = field(default=None)
+class DataArguments(DemoDataArguments):
     annotation_format: str = field(default="columns", metadata={"help": "'columns' or 'alicemind'"})
-    image_root: str | None = field(default=None)
     image_column: str = field(default="image")
     question_column: str = field(default="question")
     answers_column: str = field(default="answers")
@@ -128,13 +97,9 @@ class DataArguments:
 
 
 def parse_args(argv: list[str]):
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
-    extra = []
-    if "--bf16" in argv and not torch.cuda.is_available() and "--use_cpu" not in argv:
-        extra = ["--use_cpu", "True"]  # TrainingArguments refuses bf16 on a CPU-only machine without use_cpu
-    # the embedded demo's settings come first, so every flag given on the command line overrides them
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=DEMO_DEFAULTS + extra + argv)
-    training_args.remove_unused_columns = False  # the collator needs the raw image/question/answer columns
+    parser, (model_args, data_args, training_args) = parse_with_defaults(
+        (ModelArguments, DataArguments, TrainingArguments), DEMO_DEFAULTS, argv
+    )
     if data_args.annotation_format not in ("columns", "alicemind"):
         parser.error("--annotation_format must be 'columns' or 'alicemind'")
     return model_args, data_args, training_args
@@ -173,43 +138,21 @@ def _alicemind_rows(path: str) -> list[dict]:
 
 
 def load_data(data_args: DataArguments, image_size: int):
-    import datasets
-
-    if data_args.dataset_name:
-        raw = datasets.load_dataset(data_args.dataset_name)
-    elif data_args.train_file:
-        if data_args.annotation_format == "alicemind":
-            splits = {"train": data_args.train_file}
-            if data_args.validation_file:
-                splits["validation"] = data_args.validation_file
-            raw = datasets.DatasetDict(
-                {name: datasets.Dataset.from_list(_alicemind_rows(path)) for name, path in splits.items()}
-            )
-        else:
-            files = {"train": data_args.train_file}
-            if data_args.validation_file:
-                files["validation"] = data_args.validation_file
-            kind = "csv" if data_args.train_file.endswith(".csv") else "json"
-            raw = datasets.load_dataset(kind, data_files=files)
-        raw = datasets.DatasetDict(
-            {k: load_image_column(v, data_args.image_column, data_args.image_root) for k, v in raw.items()}
-        )
-    else:
-        raw = load_shapes_dataset(
+    raw = load_task_data(
+        data_args,
+        (data_args.image_column, data_args.question_column, data_args.answers_column),
+        lambda: load_shapes_dataset(
             data_args.num_train_examples,
             data_args.num_eval_examples,
             image_size=image_size,
             describe=data_args.describe_questions,
             describe_weight=data_args.describe_weight,
             questions_per_scene=data_args.questions_per_scene,
-        )
-    if "validation" not in raw:
-        raw = raw["train"].train_test_split(test_size=0.1, seed=0)
-        raw = datasets.DatasetDict({"train": raw["train"], "validation": raw["test"]})
-    for name, split in raw.items():
-        for column in (data_args.image_column, data_args.question_column, data_args.answers_column):
-            if column not in split.column_names:
-                raise ValueError(f"The {name} split has no `{column}` column (columns: {split.column_names}).")
+        ),
+        (data_args.image_column,),
+        _alicemind_rows,
+        "alicemind",
+    )
     if data_args.max_eval_samples:
         raw["validation"] = raw["validation"].select(range(min(data_args.max_eval_samples, len(raw["validation"]))))
     return raw
@@ -358,10 +301,7 @@ def plot(log_history: list[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, training_args = parse_args(sys.argv[1:] if argv is None else argv)
-    prepare_distributed(training_args)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    transformers.utils.logging.set_verbosity_warning()
-    set_seed(training_args.seed)
+    start_run(training_args)
     output_dir = Path(training_args.output_dir)
     model, processor = build_model_and_processor(model_args, output_dir)
     model.generation_config = evaluation_decoding(
@@ -374,10 +314,6 @@ def main(argv: list[str] | None = None) -> dict:
         len(raw["validation"]),
         sum(p.numel() for p in model.parameters()) / 1e6,
     )
-    if training_args.gradient_checkpointing:
-        training_args.gradient_checkpointing_kwargs = training_args.gradient_checkpointing_kwargs or {
-            "use_reentrant": False
-        }
     collator = MPLUGVQACollator(
         processor,
         data_args.image_column,
