@@ -223,19 +223,30 @@ class MPLUGCrossModalLayer(GradientCheckpointingLayer):
     def _feed_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.output(self.intermediate(hidden_states), hidden_states)
 
+    def cross_attend(self, text_embeds: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
+        """The co-attention layer's cross-attention step: text queries over the image tokens (residual + LayerNorm)."""
+        return self.crossattention(text_embeds, encoder_hidden_states=image_embeds, encoder_attention_mask=None)[0]
+
     def forward(
         self,
         image_embeds: torch.Tensor,
         text_embeds: torch.Tensor,
         text_mask: torch.Tensor | None,
         joint_mask: torch.Tensor | None,
+        cross_attention: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`cross_attention` (co-attention layers only) replaces the layer's cross-attention step: it maps the
+        self-attended text `(B, L, D)` to the cross-attended text (after the attention's residual and LayerNorm).
+        [`MPLUGForVisualReasoning`] uses it to attend to two images and average the results."""
         if self.layer_type == CO_ATTENTION:
             text_embeds = self.attention(text_embeds, attention_mask=text_mask)[0]
-            text_embeds = self.crossattention(
-                text_embeds, encoder_hidden_states=image_embeds, encoder_attention_mask=None
-            )[0]
+            if cross_attention is None:
+                text_embeds = self.cross_attend(text_embeds, image_embeds)
+            else:
+                text_embeds = cross_attention(text_embeds)
             return image_embeds, self._feed_forward(text_embeds)
+        if cross_attention is not None:
+            raise ValueError("`cross_attention` applies to co-attention layers; connected-attention layers have none.")
         num_image_tokens = image_embeds.shape[1]
         hidden_states = torch.cat([image_embeds, text_embeds], dim=1)
         hidden_states = self.attention(hidden_states, attention_mask=joint_mask)[0]
@@ -253,9 +264,10 @@ class MPLUGCrossModalEncoder(nn.Module):
             [MPLUGCrossModalLayer(config.text_config, t, i) for i, t in enumerate(config.cross_modal_layer_types)]
         )
 
-    def forward(
+    def masks(
         self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, attention_mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The text self-attention mask and, when a connected-attention layer exists, the mask over `[V; T]`."""
         text_mask = create_bidirectional_mask(
             config=self.config, inputs_embeds=text_embeds, attention_mask=attention_mask
         )
@@ -268,6 +280,12 @@ class MPLUGCrossModalEncoder(nn.Module):
                 inputs_embeds=joint_embeds,
                 attention_mask=torch.cat([image_mask, attention_mask], dim=1),
             )
+        return text_mask, joint_mask
+
+    def forward(
+        self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        text_mask, joint_mask = self.masks(image_embeds, text_embeds, attention_mask)
         for layer in self.layer:
             image_embeds, text_embeds = layer(image_embeds, text_embeds, text_mask, joint_mask)
         return image_embeds, text_embeds
@@ -2529,27 +2547,29 @@ class MPLUGForVisualReasoning(MPLUGPreTrainedModel):
             self.copy_cross_attention_to_second_image()
         return derived
 
+    def _pair_cross_attention(
+        self, index: int, image_a: torch.Tensor, image_b: torch.Tensor
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Co-attention layer `index`'s cross-attention step over both images: the layer's own cross-attention to the
+        first, `pair_crossattention[index]` to the second, averaged (the hook of `MPLUGCrossModalLayer.forward`)."""
+        layer, second = self.mplug.cross_modal_encoder.layer[index], self.pair_crossattention[str(index)]
+
+        def both_images(queries: torch.Tensor) -> torch.Tensor:
+            first = layer.cross_attend(queries, image_a)
+            return (first + second(queries, encoder_hidden_states=image_b, encoder_attention_mask=None)[0]) / 2
+
+        return both_images
+
     def fuse_pair(
         self, image_a: torch.Tensor, image_b: torch.Tensor, text: torch.Tensor, attention_mask: torch.Tensor
     ) -> torch.Tensor:
         """The fused text `(B, L, hidden_size)` of a sentence over two images' features `(B, N, hidden_size)`."""
         encoder = self.mplug.cross_modal_encoder
-        text_mask = create_bidirectional_mask(config=encoder.config, inputs_embeds=text, attention_mask=attention_mask)
-        joint_mask = None
-        if any(layer.layer_type != CO_ATTENTION for layer in encoder.layer):
-            joint = torch.cat([image_a, text], dim=1)
-            joint_mask = create_bidirectional_mask(
-                config=encoder.config,
-                inputs_embeds=joint,
-                attention_mask=torch.cat([attention_mask.new_ones(image_a.shape[:2]), attention_mask], dim=1),
-            )
+        text_mask, joint_mask = encoder.masks(image_a, text, attention_mask)
         for index, layer in enumerate(encoder.layer):
             if layer.layer_type == CO_ATTENTION:
-                text = layer.attention(text, attention_mask=text_mask)[0]
-                text_a = layer.crossattention(text, encoder_hidden_states=image_a, encoder_attention_mask=None)[0]
-                second = self.pair_crossattention[str(index)]
-                text_b = second(text, encoder_hidden_states=image_b, encoder_attention_mask=None)[0]
-                text = layer._feed_forward((text_a + text_b) / 2)
+                both_images = self._pair_cross_attention(index, image_a, image_b)
+                _, text = layer(image_a, text, text_mask, joint_mask, cross_attention=both_images)
             else:
                 image_a, text_a = layer(image_a, text, text_mask, joint_mask)
                 image_b, text_b = layer(image_b, text, text_mask, joint_mask)
