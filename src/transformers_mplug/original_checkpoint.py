@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,28 +21,8 @@ from .configuration_mplug import CONNECTED_ATTENTION, MPLUGConfig, cross_modal_s
 
 _VISUAL = "visual_encoder.visual."
 
-# original CLIP resblock names -> transformers' CLIPEncoderLayer names
-_CLIP_BLOCK = {
-    "attn.out_proj.": "self_attn.out_proj.",
-    "ln_1.": "layer_norm1.",
-    "ln_2.": "layer_norm2.",
-    "mlp.c_fc.": "mlp.fc1.",
-    "mlp.c_proj.": "mlp.fc2.",
-}
-_CLIP_TOP = {
-    "class_embedding": "embeddings.class_embedding",
-    "positional_embedding": "embeddings.position_embedding.weight",
-    "conv1.weight": "embeddings.patch_embedding.weight",
-    "ln_pre.weight": "pre_layrnorm.weight",
-    "ln_pre.bias": "pre_layrnorm.bias",
-    "ln_post.weight": "post_layernorm.weight",
-    "ln_post.bias": "post_layernorm.bias",
-}
 # buffers the original saves that transformers rebuilds (non-persistent here)
 _REBUILT_BUFFERS = re.compile(r"(^|\.)embeddings\.position_ids$")
-# training-only state
-_QUEUES = re.compile(r"^(image_queue|text_queue|idx_queue|queue_ptr|video_queue)$")
-_MOMENTUM = re.compile(r"^[a-z_]+_m\.")
 
 
 @dataclass
@@ -283,105 +263,187 @@ def resize_position_embedding(table: torch.Tensor, grid: int) -> torch.Tensor:
     return torch.cat([table[:1], resized], dim=0)
 
 
-def _map_clip(rest: str, value: torch.Tensor, out: dict[str, torch.Tensor], prefix: str) -> bool:
-    if rest in _CLIP_TOP:
-        out[prefix + _CLIP_TOP[rest]] = value
-        return True
-    m = re.match(r"transformer\.resblocks\.(\d+)\.(.+)$", rest)
-    if not m:
-        return False
-    layer, name = m.groups()
-    base = f"{prefix}encoder.layers.{layer}."
-    if name in ("attn.in_proj_weight", "attn.in_proj_bias"):
-        kind = "weight" if name.endswith("weight") else "bias"
-        for proj, chunk in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0)):
-            out[f"{base}self_attn.{proj}.{kind}"] = chunk.clone()
-        return True
-    for old, new in _CLIP_BLOCK.items():
-        if name.startswith(old):
-            out[base + new + name[len(old) :]] = value
-            return True
-    return False
+@dataclass
+class _Context:
+    """What the key table's conditional rows depend on."""
+
+    config: MPLUGConfig
+    task: str
+    prefix: str
+    fusion_start: int
+
+    @property
+    def vision_only(self) -> bool:
+        return self.task == "caption"
 
 
-def map_original_trunk_state_dict(
-    state_dict: Mapping[str, torch.Tensor], config: MPLUGConfig, prefix: str = "", vision_only: bool = False
-) -> OriginalKeyMapping:
-    """Map the trunk part of an original mPLUG state dict onto [`MPLUGModel`] keys (with `prefix` in front).
+@dataclass(frozen=True)
+class _Rule:
+    """A row of the key table. An original key (normalised) matching `pattern` goes to `target` (an `re` template;
+    `{prefix}` is the trunk's prefix), to the keys of `split` (the tensor cut in as many chunks along dim 0), or is
+    dropped for the reason `drop`; `target` may be a function `(match, context) -> (key | None, drop reason | None)`.
+    `when` restricts the row; `value` transforms the tensor. The first matching row wins; a key no row matches is
+    unmapped (and refused by the loaders)."""
 
-    Keys outside the trunk (decoder, heads) are returned in `unmapped` for the caller to place or reject; dead and
-    training-only weights are listed in `dropped` by reason. With `vision_only` (the captioner), the text encoder
-    and the fusion, which the original captioner never runs, are dropped.
-    """
-    result = OriginalKeyMapping(state_dict={})
-    out = result.state_dict
+    pattern: str
+    target: str | Callable[[re.Match, _Context], tuple[str | None, str | None]] | None = None
+    drop: str | None = None
+    split: tuple[str, ...] = ()
+    when: Callable[[_Context], bool] | None = None
+    value: Callable[[torch.Tensor, _Context], torch.Tensor] | None = None
+
+    @property
+    def regex(self) -> re.Pattern:
+        return re.compile(self.pattern)
+
+
+def _resized_position_embedding(value: torch.Tensor, context: _Context) -> torch.Tensor:
+    vision = context.config.vision_config
+    return resize_position_embedding(value, vision.image_size // vision.patch_size)
+
+
+def _fusion_layer(match: re.Match, context: _Context) -> tuple[str | None, str | None]:
+    """Original fusion layer `i` -> cross-modal layer `i - start` (the original builds layers it never runs)."""
+    index, name = int(match.group(1)), match.group(2)
+    if index < context.fusion_start:
+        return None, "fusion layers built but never run"
+    j = index - context.fusion_start
+    if context.config.cross_modal_layer_types[j] == CONNECTED_ATTENTION and name.startswith("crossattention."):
+        return None, "cross-attention of connected-attention layers (unused)"
+    return f"{context.prefix}cross_modal_encoder.layer.{j}.{name}", None
+
+
+_V = r"^visual_encoder\.visual\."
+_BLOCK = _V + r"transformer\.resblocks\.(\d+)\."
+_LAYERS = "{prefix}vision_model.encoder.layers.\\1."
+_TRAINING_ONLY = "training-only state (momentum copies, queues)"
+_REBUILT = "buffers rebuilt by transformers"
+_DECODER_TASKS = ("vqa", "caption", "grounding", "pretrained")
+_RETRIEVAL_TASKS = ("retrieval", "pretrained")
+
+# the trunk: CLIP vision tower (+ projection), BERT text encoder, the run fusion layers
+_TRUNK_RULES = (
+    _Rule(r"^(image_queue|text_queue|idx_queue|queue_ptr|video_queue)$", drop=_TRAINING_ONLY),
+    _Rule(r"^[a-z_]+_m\.", drop=_TRAINING_ONLY),
+    _Rule(_V + r"proj$", drop="CLIP projection (unused)"),
+    _Rule(
+        _V + r"positional_embedding$",
+        "{prefix}vision_model.embeddings.position_embedding.weight",
+        value=_resized_position_embedding,
+    ),
+    _Rule(_V + r"class_embedding$", "{prefix}vision_model.embeddings.class_embedding"),
+    _Rule(_V + r"conv1\.weight$", "{prefix}vision_model.embeddings.patch_embedding.weight"),
+    _Rule(_V + r"ln_pre\.(weight|bias)$", "{prefix}vision_model.pre_layrnorm.\\1"),
+    _Rule(_V + r"ln_post\.(weight|bias)$", "{prefix}vision_model.post_layernorm.\\1"),
+    _Rule(
+        _BLOCK + r"attn\.in_proj_(weight|bias)$",
+        split=tuple(f"{_LAYERS}self_attn.{p}.\\2" for p in ("q_proj", "k_proj", "v_proj")),
+    ),
+    _Rule(_BLOCK + r"attn\.out_proj\.(.+)$", _LAYERS + "self_attn.out_proj.\\2"),
+    _Rule(_BLOCK + r"ln_1\.(.+)$", _LAYERS + "layer_norm1.\\2"),
+    _Rule(_BLOCK + r"ln_2\.(.+)$", _LAYERS + "layer_norm2.\\2"),
+    _Rule(_BLOCK + r"mlp\.c_fc\.(.+)$", _LAYERS + "mlp.fc1.\\2"),
+    _Rule(_BLOCK + r"mlp\.c_proj\.(.+)$", _LAYERS + "mlp.fc2.\\2"),
+    _Rule(r"^visual_encoder\.(?!visual\.)", drop="CLIP text tower (unused)"),
+    _Rule(r"^visn_fc\.(.+)$", "{prefix}vision_projection.dense.\\1", when=lambda c: c.config.has_vision_projection),
+    _Rule(
+        r"^visn_layer_norm\.(.+)$",
+        "{prefix}vision_projection.layer_norm.\\1",
+        when=lambda c: c.config.has_vision_projection,
+    ),
+    _Rule(
+        r"^(text_encoder|fusion_encoder)\.",
+        drop="text encoder / fusion (never run by the captioner)",
+        when=lambda c: c.vision_only,
+    ),
+    _Rule(r"^text_encoder\.(.*\.)?embeddings\.position_ids$", drop=_REBUILT),
+    _Rule(r"^text_encoder\.pooler\.", drop="text-encoder pooler (unused)"),
+    _Rule(r"^text_encoder\.((?:embeddings|encoder\.layer)\..+)$", "{prefix}text_model.\\1"),
+    _Rule(r"^fusion_encoder\.encoder\.layer\.(\d+)\.(.+)$", _fusion_layer),
+    _Rule(r"^fusion_encoder\.(embeddings|pooler)\.", drop="fusion embeddings/pooler (never run)"),
+)
+# the task heads around the trunk
+_TASK_RULES = (
+    _Rule(
+        r"^(?:text_encoder|fusion_encoder)\.cls\.predictions\.(.+)$",
+        "mlm_head.predictions.\\1",
+        when=lambda c: c.task == "pretrained",
+    ),
+    _Rule(r"^temp$", "temp", when=lambda c: c.task in _RETRIEVAL_TASKS, value=lambda v, c: v.reshape(1)),
+    _Rule(r"^((?:vision_proj|text_proj|itm_head)\..+)$", "\\1", when=lambda c: c.task in _RETRIEVAL_TASKS),
+    _Rule(r"^(temp$|vision_proj\.|text_proj\.|itm_head\.)", drop="retrieval projections (unused by this task)"),
+    _Rule(
+        r"^(prefix_ids|target_ids|bbox_prob_mask)$",
+        drop="grounding token buffers (rebuilt from the config)",
+        when=lambda c: c.task == "grounding",
+    ),
+    _Rule(r"^text_decoder\.(.*\.)?embeddings\.position_ids$", drop=_REBUILT, when=lambda c: c.task in _DECODER_TASKS),
+    _Rule(
+        r"^text_decoder\.((?:bert\.embeddings|bert\.encoder\.layer|cls\.predictions)\..+)$",
+        "text_decoder.\\1",
+        when=lambda c: c.task in _DECODER_TASKS,
+    ),
+)
+
+
+def _fusion_start(state_dict: Mapping[str, torch.Tensor], config: MPLUGConfig) -> int:
+    """The first original fusion layer that runs: the original builds `fusion_layers` layers and runs the last ones."""
     schedule = config.cross_modal_layer_types
     fusion_keys = [k for k in map(normalise_original_key, state_dict) if k.startswith("fusion_encoder.encoder.layer.")]
     built = 1 + max((int(k.split(".")[3]) for k in fusion_keys), default=len(schedule) - 1)
-    start = built - len(schedule)
-    if start < 0:
+    if built < len(schedule):
         raise ValueError(
             f"The checkpoint has {built} fusion layers but the config runs {len(schedule)} "
             "(`cross_modal_layer_types`); check `fusion_layers` in the BERT config."
         )
+    return built - len(schedule)
+
+
+def _apply_rules(
+    state_dict: Mapping[str, torch.Tensor], rules: tuple[_Rule, ...], context: _Context
+) -> OriginalKeyMapping:
+    result = OriginalKeyMapping(state_dict={})
     for raw_key, value in state_dict.items():
         key = normalise_original_key(raw_key)
-        if _QUEUES.match(key) or _MOMENTUM.match(key):
-            result.drop("training-only state (momentum copies, queues)", raw_key)
-        elif key.startswith(_VISUAL):
-            rest = key[len(_VISUAL) :]
-            if rest == "positional_embedding":
-                grid = config.vision_config.image_size // config.vision_config.patch_size
-                value = resize_position_embedding(value, grid)
-            if rest == "proj":
-                result.drop("CLIP projection (unused)", raw_key)
-            elif not _map_clip(rest, value, out, prefix + "vision_model."):
-                result.unmapped.append(raw_key)
-        elif key.startswith("visual_encoder."):
-            result.drop("CLIP text tower (unused)", raw_key)
-        elif key.startswith(("visn_fc.", "visn_layer_norm.")):
-            if not config.has_vision_projection:
-                result.unmapped.append(raw_key)
+        for rule in rules:
+            match = rule.regex.match(key)
+            if match is None or (rule.when is not None and not rule.when(context)):
                 continue
-            name = key.replace("visn_fc.", "dense.", 1).replace("visn_layer_norm.", "layer_norm.", 1)
-            out[prefix + "vision_projection." + name] = value
-        elif vision_only and key.startswith(("text_encoder.", "fusion_encoder.")):
-            result.drop("text encoder / fusion (never run by the captioner)", raw_key)
-        elif key.startswith("text_encoder."):
-            rest = key[len("text_encoder.") :]
-            if _REBUILT_BUFFERS.search(rest):
-                result.drop("buffers rebuilt by transformers", raw_key)
-            elif rest.startswith("pooler."):
-                result.drop("text-encoder pooler (unused)", raw_key)
-            elif rest.startswith(("embeddings.", "encoder.layer.")):
-                out[prefix + "text_model." + rest] = value
+            if rule.drop is not None:
+                result.drop(rule.drop, raw_key)
+            elif rule.split:
+                for template, chunk in zip(rule.split, value.chunk(len(rule.split), dim=0)):
+                    result.state_dict[match.expand(template.format(prefix=context.prefix))] = chunk.clone()
             else:
-                result.unmapped.append(raw_key)
-        elif key.startswith("fusion_encoder."):
-            rest = key[len("fusion_encoder.") :]
-            m = re.match(r"encoder\.layer\.(\d+)\.(.+)$", rest)
-            if m is None:
-                if rest.startswith(("embeddings.", "pooler.")):
-                    result.drop("fusion embeddings/pooler (never run)", raw_key)
+                if callable(rule.target):
+                    target, reason = rule.target(match, context)
                 else:
-                    result.unmapped.append(raw_key)
-                continue
-            index, name = int(m.group(1)), m.group(2)
-            if index < start:
-                result.drop("fusion layers built but never run", raw_key)
-                continue
-            j = index - start
-            if schedule[j] == CONNECTED_ATTENTION and name.startswith("crossattention."):
-                result.drop("cross-attention of connected-attention layers (unused)", raw_key)
-                continue
-            out[f"{prefix}cross_modal_encoder.layer.{j}.{name}"] = value
+                    target, reason = match.expand(rule.target.format(prefix=context.prefix)), None
+                if reason is not None:
+                    result.drop(reason, raw_key)
+                else:
+                    result.state_dict[target] = value if rule.value is None else rule.value(value, context)
+            break
         else:
             result.unmapped.append(raw_key)
     return result
 
 
+def map_original_trunk_state_dict(
+    state_dict: Mapping[str, torch.Tensor], config: MPLUGConfig, prefix: str = "", vision_only: bool = False
+) -> OriginalKeyMapping:
+    """Map the trunk part of an original mPLUG state dict onto [`MPLUGModel`] keys (with `prefix` in front), by the
+    key table `_TRUNK_RULES`.
+
+    Keys outside the trunk (decoder, heads) are returned in `unmapped` for the caller to place or reject; dead and
+    training-only weights are listed in `dropped` by reason. With `vision_only` (the captioner), the text encoder
+    and the fusion, which the original captioner never runs, are dropped.
+    """
+    context = _Context(config, "caption" if vision_only else "trunk", prefix, _fusion_start(state_dict, config))
+    return _apply_rules(state_dict, _TRUNK_RULES, context)
+
+
 TASKS = ("trunk", "vqa", "caption", "retrieval", "grounding", "pretrained")
-_MLM_HEAD = re.compile(r"^(text_encoder|fusion_encoder)\.cls\.predictions\.")
 # momentum-encoder parameters of MPLUGForPreTraining and the student weights they start from
 _TEACHER_SOURCES = {
     "momentum_encoder.vision_model.": "mplug.vision_model.",
@@ -390,7 +452,6 @@ _TEACHER_SOURCES = {
     "momentum_encoder.vision_proj.": "vision_proj.",
     "momentum_encoder.text_proj.": "text_proj.",
 }
-_RETRIEVAL_KEYS = ("temp", "vision_proj", "text_proj", "itm_head")
 
 
 def map_original_state_dict(
@@ -405,30 +466,8 @@ def map_original_state_dict(
         raise ValueError(f"`task` must be one of {TASKS}, got {task!r}.")
     if task == "trunk":
         return map_original_trunk_state_dict(state_dict, config)
-    mapping = map_original_trunk_state_dict(state_dict, config, prefix="mplug.", vision_only=task == "caption")
-    unmapped, mapping.unmapped = mapping.unmapped, []
-    for raw_key in unmapped:
-        key = normalise_original_key(raw_key)
-        value = state_dict[raw_key]
-        if task == "pretrained" and _MLM_HEAD.match(key):
-            mapping.state_dict[_MLM_HEAD.sub("mlm_head.predictions.", key)] = value
-        elif key in _RETRIEVAL_KEYS or key.startswith(tuple(k + "." for k in _RETRIEVAL_KEYS)):
-            if task in ("retrieval", "pretrained"):
-                mapping.state_dict[key] = value.reshape(1) if key == "temp" else value
-            else:
-                mapping.drop("retrieval projections (unused by this task)", raw_key)
-        elif task == "grounding" and key in ("prefix_ids", "target_ids", "bbox_prob_mask"):
-            mapping.drop("grounding token buffers (rebuilt from the config)", raw_key)
-        elif task in ("vqa", "caption", "grounding", "pretrained") and key.startswith("text_decoder."):
-            rest = key[len("text_decoder.") :]
-            if _REBUILT_BUFFERS.search(rest):
-                mapping.drop("buffers rebuilt by transformers", raw_key)
-            elif rest.startswith(("bert.embeddings.", "bert.encoder.layer.", "cls.predictions.")):
-                mapping.state_dict["text_decoder." + rest] = value
-            else:
-                mapping.unmapped.append(raw_key)
-        else:
-            mapping.unmapped.append(raw_key)
+    context = _Context(config, task, "mplug.", _fusion_start(state_dict, config))
+    mapping = _apply_rules(state_dict, _TRUNK_RULES + _TASK_RULES, context)
     if task == "pretrained":
         _add_fresh_training_state(mapping, config)
     return mapping
