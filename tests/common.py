@@ -146,3 +146,112 @@ class MPLUGModelTesterMixin:
             b = self.output_tensors(model(**inputs), inputs)
         for name in a:
             torch.testing.assert_close(a[name], b[name], atol=0, rtol=0)
+
+    # the recorded fields the head returns with output_hidden_states/output_attentions (empty: the head refuses them)
+    recorded_fields: tuple[str, ...] = ("vision_hidden_states", "vision_attentions")
+
+    def make_recording_inputs(self, config):
+        return self.make_inputs(config)
+
+    def recording_output_tensors(self, output, inputs) -> dict[str, torch.Tensor]:
+        return self.output_tensors(output, inputs)
+
+    def test_hidden_states_and_attentions_are_recorded(self):
+        model = self.build()  # eager: attention weights exist
+        inputs = self.make_recording_inputs(model.config)
+        if not self.recorded_fields:
+            import pytest
+
+            with pytest.raises(ValueError, match="record"):
+                model(**inputs, output_hidden_states=True)
+            return
+        with torch.no_grad():
+            plain = model(**inputs)
+            out = model(**inputs, output_hidden_states=True, output_attentions=True)
+        a, b = self.recording_output_tensors(plain, inputs), self.recording_output_tensors(out, inputs)
+        for name in a:
+            torch.testing.assert_close(b[name], a[name], atol=0, rtol=0, msg=name)
+        batch = inputs["input_ids"].shape[0]
+        for name in self.recorded_fields:
+            states = out[name]
+            assert isinstance(states, tuple) and states, name
+            # rows: one per example, or per frame / image of a pair (their vision states)
+            assert all(isinstance(t, torch.Tensor) and t.shape[0] % batch == 0 for t in states), name
+            assert all(bool(torch.isfinite(t).all()) for t in states), name
+        assert plain.get("vision_hidden_states") is None  # nothing recorded unless asked
+
+
+class MPLUGGenerationTesterMixin:
+    """`generate()` conventions of the decoder heads: subclasses set `model_class` and may override `make_inputs`
+    (the inputs of `generate`, without generation settings)."""
+
+    model_class: type
+    settings = dict(num_beams=3, min_new_tokens=1, max_new_tokens=4)
+
+    def make_config(self, **overrides):
+        return tiny_config(**overrides)
+
+    def make_inputs(self, config, **kwargs):
+        return tiny_inputs(config, **kwargs)
+
+    def build(self, attn_implementation: str = "eager"):
+        torch.manual_seed(0)
+        model = self.model_class._from_config(self.make_config(), attn_implementation=attn_implementation).eval()
+        with torch.no_grad():  # a decoder that ends sequences at different steps
+            model.text_decoder.cls.predictions.bias[model.config.eos_token_id] += 2.0
+        return model
+
+    def _pad_to(self, sequences: torch.Tensor, width: int, pad: int) -> torch.Tensor:
+        return torch.nn.functional.pad(sequences, (0, width - sequences.shape[1]), value=pad)
+
+    def test_generate_save_load_gives_the_same_sequences(self):
+        model = self.build()
+        inputs = self.make_inputs(model.config)
+        with tempfile.TemporaryDirectory() as folder:
+            model.save_pretrained(folder)
+            loaded = self.model_class.from_pretrained(folder, attn_implementation="eager").eval()
+        assert loaded.generation_config.decoding_mode == model.generation_config.decoding_mode
+        assert torch.equal(model.generate(**inputs, **self.settings), loaded.generate(**inputs, **self.settings))
+
+    def test_generate_eager_equals_sdpa(self):
+        eager, sdpa = self.build("eager"), self.build("sdpa")
+        sdpa.load_state_dict(eager.state_dict())
+        inputs = self.make_inputs(eager.config)
+        for mode in ("original", "transformers"):
+            a = eager.generate(**inputs, **self.settings, decoding_mode=mode)
+            b = sdpa.generate(**inputs, **self.settings, decoding_mode=mode)
+            assert torch.equal(a, b), mode
+
+    def test_generate_batched_equals_one_by_one(self):
+        model = self.build()
+        inputs = self.make_inputs(model.config, padded=True)
+        pad = model.config.pad_token_id
+        for mode in ("original", "transformers"):
+            batched = model.generate(**inputs, **self.settings, decoding_mode=mode)
+            for row in range(batched.shape[0]):
+                single = {k: v[row : row + 1] for k, v in inputs.items()}
+                if "attention_mask" in single:
+                    keep = int(single["attention_mask"].sum())
+                    single["input_ids"], single["attention_mask"] = (
+                        single["input_ids"][:, :keep],
+                        single["attention_mask"][:, :keep],
+                    )
+                alone = model.generate(**single, **self.settings, decoding_mode=mode)
+                width = max(alone.shape[1], batched.shape[1])
+                assert torch.equal(self._pad_to(alone, width, pad), self._pad_to(batched[row : row + 1], width, pad)), (
+                    mode,
+                    row,
+                )
+
+    def test_generate_dict_outputs_and_scores(self):
+        model = self.build()
+        inputs = self.make_inputs(model.config)
+        out = model.generate(**inputs, **self.settings, return_dict_in_generate=True, output_scores=True)
+        plain = model.generate(**inputs, **self.settings)
+        assert torch.equal(out.sequences, plain)
+        assert out.sequences_scores.shape == (plain.shape[0],) and len(out.scores) >= 1
+        greedy = model.generate(**inputs, num_beams=1, min_new_tokens=1, max_new_tokens=4, decoding_mode="transformers")
+        original_greedy = model.generate(**inputs, num_beams=1, min_new_tokens=1, max_new_tokens=4)
+        width = max(greedy.shape[1], original_greedy.shape[1])  # one beam: both algorithms are greedy decoding
+        pad = model.config.pad_token_id
+        assert torch.equal(self._pad_to(greedy, width, pad), self._pad_to(original_greedy, width, pad))

@@ -7,7 +7,7 @@ import torch
 
 from transformers_mplug import MPLUGForCaptioning, MPLUGModel
 
-from .common import MPLUGModelTesterMixin
+from .common import MPLUGGenerationTesterMixin, MPLUGModelTesterMixin
 from .conftest import tiny_config, tiny_inputs
 
 BOS, EOS = 101 % 128, 102 % 128
@@ -160,3 +160,10 @@ def test_forward_validation():
         model(pixel_values=torch.randn(2, 3, 32, 32), labels=captions(3))
     with pytest.raises(ValueError, match="pixel_values"):
         model(labels=captions(1))
+
+
+class TestForCaptioningGeneration(MPLUGGenerationTesterMixin):
+    model_class = MPLUGForCaptioning
+
+    def make_inputs(self, config, **kwargs):
+        return {"pixel_values": tiny_inputs(config, **kwargs)["pixel_values"]}

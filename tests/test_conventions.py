@@ -329,3 +329,32 @@ def test_only_the_tested_attention_backends_are_declared(backend):
     assert MPLUGForQuestionAnswering._supports_sdpa
     with pytest.raises((ValueError, ImportError), match="(?i)flex|flash"):
         MPLUGForQuestionAnswering(tiny_config(attn_implementation=backend))
+
+
+def test_forward_kwargs_follow_transformers_kwargs():
+    from transformers_mplug import MPLUGForQuestionAnswering, MPLUGModel
+
+    torch.manual_seed(0)
+    model = MPLUGForQuestionAnswering(tiny_config()).eval()
+    inputs = tiny_inputs(model.config)
+    labels = torch.tensor([[101, 110, 102]] * 3)
+    with torch.no_grad():
+        as_dict = model(**inputs, labels=labels)
+        as_tuple = model(**inputs, labels=labels, return_dict=False)  # transformers' can_return_tuple
+        model.config.return_dict = False
+        try:
+            from_config = model(**inputs, labels=labels)
+        finally:
+            model.config.return_dict = True
+        unused_none = model(**inputs, labels=labels, position_ids=None)  # TransformersKwargs left unset are fine
+    assert isinstance(as_tuple, tuple) and isinstance(from_config, tuple)
+    torch.testing.assert_close(as_tuple[0], as_dict.loss)
+    torch.testing.assert_close(as_tuple[1], as_dict.logits)
+    torch.testing.assert_close(unused_none.logits, as_dict.logits)
+    with pytest.raises(
+        TypeError,
+        match=r"MPLUGForQuestionAnswering.forward\(\) got unexpected keyword argument\(s\) \['position_ids'\]",
+    ):
+        model(**inputs, labels=labels, position_ids=torch.arange(7)[None])
+    with pytest.raises(TypeError, match="token_type_ids"):  # the trunk takes no token types
+        MPLUGModel(tiny_config())(**inputs, token_type_ids=torch.zeros_like(inputs["input_ids"]))

@@ -9,7 +9,7 @@ from transformers.cache_utils import EncoderDecoderCache
 
 from transformers_mplug import MPLUGForQuestionAnswering, MPLUGModel
 
-from .common import MPLUGModelTesterMixin
+from .common import MPLUGGenerationTesterMixin, MPLUGModelTesterMixin
 from .conftest import tiny_config, tiny_inputs
 
 BOS, EOS = 101 % 128, 102 % 128
@@ -380,3 +380,7 @@ def test_trainer_neither_rescales_the_loss_by_the_world_size_nor_passes_token_co
         expected = model(**inputs, labels=labels).loss
         got = trainer.compute_loss(model, {**inputs, "labels": labels}, num_items_in_batch=torch.tensor(9))
     torch.testing.assert_close(got, expected)
+
+
+class TestForQuestionAnsweringGeneration(MPLUGGenerationTesterMixin):
+    model_class = MPLUGForQuestionAnswering

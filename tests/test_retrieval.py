@@ -17,6 +17,13 @@ def config(**overrides):
 
 class TestRetrievalCommon(MPLUGModelTesterMixin):
     model_class = MPLUGForRetrieval
+    recorded_fields = ("vision_hidden_states", "vision_attentions", "text_hidden_states", "text_attentions")
+
+    def make_recording_inputs(self, config):  # an inference pass (the training step does not record)
+        return tiny_inputs(config)
+
+    def recording_output_tensors(self, output, inputs):
+        return {"logits_per_image": output.logits_per_image, "text_features": output.text_features}
 
     def make_config(self, **overrides):
         return config(**overrides)

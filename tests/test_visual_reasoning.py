@@ -13,9 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from transformers_mplug import MPLUGForVisualReasoning, MPLUGModel, MPLUGProcessor
+from transformers_mplug import MPLUGForVisualEntailment, MPLUGForVisualReasoning, MPLUGModel, MPLUGProcessor
 from transformers_mplug.data import shapes_pair_examples
 
+from .common import MPLUGModelTesterMixin
 from .conftest import REPO_ROOT, fit_fixed_batch, tiny_config, tiny_inputs
 
 
@@ -24,6 +25,34 @@ def pair_inputs(config, batch_size: int = 3, seed: int = 0) -> dict:
     generator = torch.Generator().manual_seed(seed + 7)
     inputs["pixel_values"] = torch.randn(batch_size, 2, 3, 32, 32, generator=generator)
     return inputs
+
+
+class TestVisualReasoningCommon(MPLUGModelTesterMixin):
+    model_class = MPLUGForVisualReasoning
+    recorded_fields = ("vision_hidden_states", "vision_attentions", "text_hidden_states", "text_attentions")
+
+    def make_inputs(self, config, **kwargs):
+        kwargs.pop("padded", None)
+        return pair_inputs(config, **kwargs)
+
+    def output_tensors(self, output, inputs):
+        return {"logits": output.logits, "fused_text_embeds": output.fused_text_embeds}
+
+
+class TestVisualEntailmentCommon(MPLUGModelTesterMixin):
+    model_class = MPLUGForVisualEntailment
+    recorded_fields = (
+        "vision_hidden_states",
+        "vision_attentions",
+        "text_hidden_states",
+        "text_attentions",
+        "fusion_text_hidden_states",
+        "fusion_attentions",
+        "fusion_cross_attentions",
+    )
+
+    def output_tensors(self, output, inputs):
+        return {"logits": output.logits, "fused_text_embeds": output.fused_text_embeds}
 
 
 def test_identical_images_and_cross_attentions_reduce_to_the_single_image_trunk(tmp_path):

@@ -35,7 +35,8 @@ from transformers.models.bert.modeling_bert import (
     eager_attention_forward,
 )
 from transformers.models.clip.modeling_clip import CLIPAttention, CLIPEncoder, CLIPEncoderLayer, CLIPVisionEmbeddings
-from transformers.utils import ModelOutput, logging
+from transformers.processing_utils import Unpack
+from transformers.utils import ModelOutput, TransformersKwargs, can_return_tuple, logging
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_mplug import CO_ATTENTION, MPLUGConfig
@@ -129,6 +130,16 @@ def _recorded_fields(trunk_output: MPLUGModelOutput | None) -> dict:
     return {
         name: getattr(trunk_output, name) for name in TRUNK_RECORDED_FIELDS if getattr(trunk_output, name) is not None
     }
+
+
+def _reject_unused_kwargs(model: nn.Module, kwargs: dict, ignored: tuple[str, ...] = ("token_type_ids",)) -> None:
+    """`TransformersKwargs` that mPLUG does not use (packed-sequence and MoE arguments) must not be given: refuse
+    them by name instead of ignoring them. `token_type_ids` (all zero in the original) are ignored."""
+    for name in ignored:
+        kwargs.pop(name, None)
+    given = sorted(name for name, value in kwargs.items() if value is not None)
+    if given:
+        raise TypeError(f"{type(model).__name__}.forward() got unexpected keyword argument(s) {given}.")
 
 
 def _output_flags(config: MPLUGConfig, output_hidden_states: bool | None, output_attentions: bool | None) -> tuple:
@@ -677,6 +688,7 @@ class MPLUGModel(MPLUGPreTrainedModel):
             return_dict=True,
         )
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
@@ -686,8 +698,7 @@ class MPLUGModel(MPLUGPreTrainedModel):
         interpolate_pos_encoding: bool = False,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> MPLUGModelOutput | tuple[torch.Tensor, ...]:
         r"""
         Args:
@@ -704,9 +715,7 @@ class MPLUGModel(MPLUGPreTrainedModel):
                 Return every stage's hidden states / attention weights (see [`MPLUGModelOutput`]), recorded by
                 transformers' output capturing.
         """
-        if kwargs:
-            raise TypeError(f"MPLUGModel.forward() got unexpected keyword argument(s) {sorted(kwargs)}.")
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        _reject_unused_kwargs(self, kwargs, ignored=())
         hidden, attentions = _output_flags(self.config, output_hidden_states, output_attentions)
         flags = self._recording_flags(hidden, attentions)
         output = self._recorded_forward(
@@ -719,7 +728,7 @@ class MPLUGModel(MPLUGPreTrainedModel):
             return_dict=True,
             **flags,
         )
-        return output if return_dict else output.to_tuple()
+        return output
 
     def _recording_flags(self, output_hidden_states: bool, output_attentions: bool) -> dict[str, bool]:
         flags = {f"output_{name}": output_hidden_states for name in _RECORDED_HIDDEN_STATES}
@@ -1245,6 +1254,7 @@ class MPLUGForQuestionAnswering(MPLUGDecoderHeadMixin, MPLUGPreTrainedModel, Gen
             raise ValueError(f"`answer_question_index` values must be in [0, {batch_size}).")
         return answer_question_index
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
@@ -1259,8 +1269,7 @@ class MPLUGForQuestionAnswering(MPLUGDecoderHeadMixin, MPLUGPreTrainedModel, Gen
         image_embeds: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> MPLUGDecoderOutput | tuple:
         r"""
         Args:
@@ -1274,10 +1283,7 @@ class MPLUGForQuestionAnswering(MPLUGDecoderHeadMixin, MPLUGPreTrainedModel, Gen
             answer_question_index (`torch.LongTensor` of shape `(num_answers,)`): question of each answer, or
             answers_per_question (`list[int]` of length `batch_size`): number of consecutive answers per question.
         """
-        kwargs.pop("token_type_ids", None)  # the original never passes token types (all zero)
-        if kwargs:
-            raise TypeError(f"{type(self).__name__}.forward() got unexpected keyword argument(s) {sorted(kwargs)}.")
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        _reject_unused_kwargs(self, kwargs)
         if labels is None and decoder_input_ids is None:
             raise ValueError(
                 "Pass the answers as `labels` (training) or `decoder_input_ids`; for inference use `generate()` or "
@@ -1326,7 +1332,7 @@ class MPLUGForQuestionAnswering(MPLUGDecoderHeadMixin, MPLUGPreTrainedModel, Gen
             **_recorded_fields(trunk),
             **self._decoder_recorded(decoded),
         )
-        return output if return_dict else output.to_tuple()
+        return output
 
     @torch.no_grad()
     def generate(
@@ -1487,6 +1493,7 @@ class MPLUGForCaptioning(MPLUGDecoderHeadMixin, MPLUGPreTrainedModel, Generation
         mask = torch.ones(image_embeds.shape[:2], dtype=torch.long, device=image_embeds.device)
         return image_embeds, mask, trunk
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
@@ -1496,8 +1503,7 @@ class MPLUGForCaptioning(MPLUGDecoderHeadMixin, MPLUGPreTrainedModel, Generation
         image_embeds: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> MPLUGDecoderOutput | tuple:
         r"""
         Args:
@@ -1506,10 +1512,7 @@ class MPLUGForCaptioning(MPLUGDecoderHeadMixin, MPLUGPreTrainedModel, Generation
             labels: the same ids with -100 where no loss is wanted (padding, prompt); loss = mean token NLL.
             output_hidden_states, output_attentions: the vision tower's and the decoder's hidden states / attentions.
         """
-        kwargs.pop("token_type_ids", None)
-        if kwargs:
-            raise TypeError(f"{type(self).__name__}.forward() got unexpected keyword argument(s) {sorted(kwargs)}.")
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        _reject_unused_kwargs(self, kwargs)
         input_ids, attention_mask, labels = _decoder_inputs(
             labels,
             input_ids,
@@ -1538,7 +1541,7 @@ class MPLUGForCaptioning(MPLUGDecoderHeadMixin, MPLUGPreTrainedModel, Generation
             **_recorded_fields(trunk),
             **self._decoder_recorded(decoded),
         )
-        return output if return_dict else output.to_tuple()
+        return output
 
     @torch.no_grad()
     def generate(
@@ -1868,6 +1871,7 @@ class MPLUGForRetrieval(MPLUGPreTrainedModel):
         ).to(logits.device)
         return nn.functional.cross_entropy(logits, labels), logits, negative_image_indices, negative_text_indices
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
@@ -1887,8 +1891,7 @@ class MPLUGForRetrieval(MPLUGPreTrainedModel):
         use_itm_head: bool = False,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> MPLUGRetrievalOutput | tuple:
         r"""
         Two uses, as CLIP's and BLIP's retrieval models:
@@ -1906,10 +1909,7 @@ class MPLUGForRetrieval(MPLUGPreTrainedModel):
         [`MPLUGModelOutput`]): vision and text for the ITC logits, every stage for `use_itm_head=True`. The training
         step runs several fused passes (positives, then hard negatives) and does not record them.
         """
-        kwargs.pop("token_type_ids", None)
-        if kwargs:
-            raise TypeError(f"{type(self).__name__}.forward() got unexpected keyword argument(s) {sorted(kwargs)}.")
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        _reject_unused_kwargs(self, kwargs)
         if input_ids is None:
             raise ValueError("`input_ids` (the captions from the processor) is required.")
         attention_mask = _text_attention_mask(input_ids, attention_mask, self.config.pad_token_id)
@@ -1932,7 +1932,7 @@ class MPLUGForRetrieval(MPLUGPreTrainedModel):
             output = self._inference_logits(
                 pixel_values, image_embeds, input_ids, attention_mask, use_itm_head, hidden, attentions
             )
-            return output if return_dict else output.to_tuple()
+            return output
         if use_itm_head:
             raise ValueError("`use_itm_head=True` is an inference option; pass `return_loss=False` with it.")
         if hidden or attentions:
@@ -1981,7 +1981,7 @@ class MPLUGForRetrieval(MPLUGPreTrainedModel):
             negative_image_indices=neg_images,
             negative_text_indices=neg_texts,
         )
-        return output if return_dict else output.to_tuple()
+        return output
 
     def _inference_logits(
         self,
@@ -2245,6 +2245,7 @@ class MPLUGForGrounding(MPLUGDecoderHeadMixin, MPLUGPreTrainedModel):
             tokens, self.config.coordinate_token_start_id, self.config.num_coordinate_bins
         )
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
@@ -2254,8 +2255,7 @@ class MPLUGForGrounding(MPLUGDecoderHeadMixin, MPLUGPreTrainedModel):
         image_embeds: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> MPLUGGroundingOutput | tuple:
         r"""
         Args:
@@ -2266,10 +2266,7 @@ class MPLUGForGrounding(MPLUGDecoderHeadMixin, MPLUGPreTrainedModel):
             output_hidden_states, output_attentions: every stage's hidden states / attentions of the teacher-forced
                 pass (with `boxes`; the constrained decoding of [`predict_boxes`] is not recorded).
         """
-        kwargs.pop("token_type_ids", None)
-        if kwargs:
-            raise TypeError(f"{type(self).__name__}.forward() got unexpected keyword argument(s) {sorted(kwargs)}.")
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        _reject_unused_kwargs(self, kwargs)
         hidden, attentions = _output_flags(self.config, output_hidden_states, output_attentions)
         if boxes is None:
             if hidden or attentions:
@@ -2278,7 +2275,7 @@ class MPLUGForGrounding(MPLUGDecoderHeadMixin, MPLUGPreTrainedModel):
                     "predicted ones, `predict_boxes(...).pred_boxes`)."
                 )
             output = self.predict_boxes(pixel_values, input_ids, attention_mask, image_embeds)
-            return output if return_dict else output.to_tuple()
+            return output
         trunk = self.mplug(
             pixel_values=pixel_values,
             input_ids=input_ids,
@@ -2328,7 +2325,7 @@ class MPLUGForGrounding(MPLUGDecoderHeadMixin, MPLUGPreTrainedModel):
             **_recorded_fields(trunk),
             **self._decoder_recorded(decoded),
         )
-        return output if return_dict else output.to_tuple()
+        return output
 
     @torch.no_grad()
     def predict_boxes(
@@ -2450,6 +2447,7 @@ class MPLUGForVisualEntailment(MPLUGPreTrainedModel):
     def get_input_embeddings(self) -> nn.Module:
         return self.mplug.get_input_embeddings()
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
@@ -2459,8 +2457,7 @@ class MPLUGForVisualEntailment(MPLUGPreTrainedModel):
         image_embeds: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> MPLUGImageTextClassifierOutput | tuple:
         r"""
         Args:
@@ -2468,10 +2465,7 @@ class MPLUGForVisualEntailment(MPLUGPreTrainedModel):
             labels (`torch.LongTensor` of shape `(batch_size,)`): class ids in `[0, num_labels)`.
             output_hidden_states, output_attentions: every stage's hidden states / attentions.
         """
-        kwargs.pop("token_type_ids", None)
-        if kwargs:
-            raise TypeError(f"{type(self).__name__}.forward() got unexpected keyword argument(s) {sorted(kwargs)}.")
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        _reject_unused_kwargs(self, kwargs)
         trunk = self.mplug(
             pixel_values=pixel_values,
             input_ids=input_ids,
@@ -2486,7 +2480,7 @@ class MPLUGForVisualEntailment(MPLUGPreTrainedModel):
         output = MPLUGImageTextClassifierOutput(
             loss=loss, logits=logits, fused_text_embeds=trunk.fused_text_embeds, **_recorded_fields(trunk)
         )
-        return output if return_dict else output.to_tuple()
+        return output
 
 
 # ------------------------------------------------------------------------------------------------ visual reasoning
@@ -2576,6 +2570,7 @@ class MPLUGForVisualReasoning(MPLUGPreTrainedModel):
                 text = (text_a + text_b) / 2
         return text
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
@@ -2584,8 +2579,7 @@ class MPLUGForVisualReasoning(MPLUGPreTrainedModel):
         labels: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> MPLUGImageTextClassifierOutput | tuple:
         r"""
         Args:
@@ -2595,10 +2589,7 @@ class MPLUGForVisualReasoning(MPLUGPreTrainedModel):
             output_hidden_states, output_attentions: the vision tower's (both images) and the text encoder's
                 hidden states / attentions (the pair fusion is not recorded).
         """
-        kwargs.pop("token_type_ids", None)
-        if kwargs:
-            raise TypeError(f"{type(self).__name__}.forward() got unexpected keyword argument(s) {sorted(kwargs)}.")
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        _reject_unused_kwargs(self, kwargs)
         if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 5 or pixel_values.shape[1] != 2:
             shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else None
             raise ValueError(
@@ -2628,7 +2619,7 @@ class MPLUGForVisualReasoning(MPLUGPreTrainedModel):
         logits = self.classifier(fused[:, 0])
         loss = None if labels is None else _classification_loss(logits, labels)
         output = MPLUGImageTextClassifierOutput(loss=loss, logits=logits, fused_text_embeds=fused, **recorded)
-        return output if return_dict else output.to_tuple()
+        return output
 
 
 # ------------------------------------------------------------------------------------------------ pretraining
@@ -2853,6 +2844,7 @@ class MPLUGForPreTraining(MPLUGForRetrieval):
         self.queue_ptr.fill_((ptr + image_features.shape[0]) % size)
 
     # ------------------------------------------------------------------------------------------- forward
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
@@ -2869,8 +2861,7 @@ class MPLUGForPreTraining(MPLUGForRetrieval):
         negative_text_indices: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> MPLUGPreTrainingOutput | tuple:
         r"""
         Args:
@@ -2887,15 +2878,12 @@ class MPLUGForPreTraining(MPLUGForRetrieval):
             output_hidden_states, output_attentions: not recorded here (the step runs a pass per objective); record
                 a pass with a task head or [`MPLUGModel`] built from this folder.
         """
-        kwargs.pop("token_type_ids", None)
-        if kwargs:
-            raise TypeError(f"{type(self).__name__}.forward() got unexpected keyword argument(s) {sorted(kwargs)}.")
+        _reject_unused_kwargs(self, kwargs)
         if any(_output_flags(self.config, output_hidden_states, output_attentions)):
             raise ValueError(
                 "MPLUGForPreTraining does not record hidden states/attentions (its step runs a pass per objective); "
                 "load the folder into MPLUGModel or a task head and pass `output_hidden_states=True` there."
             )
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         weights = self.config.pretraining_loss_weights
         if pixel_values is None:
             raise ValueError("`pixel_values` (the images) is required.")
@@ -3001,7 +2989,7 @@ class MPLUGForPreTraining(MPLUGForRetrieval):
         for name, value in losses.items():
             setattr(output, f"loss_{name}", value)
         output.loss = sum(weights[name] * value for name, value in losses.items())
-        return output if return_dict else output.to_tuple()
+        return output
 
 
 __all__ = [
