@@ -21,6 +21,7 @@ The auto classes gain `MPLUGConfig` entries only (`AutoModelForVisualQuestionAns
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -67,6 +68,18 @@ class _MPLUGPipelineMixin:
                 f"{type(model).__name__}.{notice}"
             )
         super().__init__(*args, **kwargs)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """Save the model and its processor, so that `pipeline(task, model=save_directory)` rebuilds this pipeline.
+
+        Unlike `Pipeline.save_pretrained` for registered pipelines, the folder does not record the pipeline as remote
+        code (`custom_pipelines`, which would require `trust_remote_code=True`): importing transformers_mplug
+        registers the task."""
+        if os.path.isfile(save_directory):
+            raise ValueError(f"`save_directory` ({save_directory}) is a file; pass a folder.")
+        os.makedirs(save_directory, exist_ok=True)
+        self.model.save_pretrained(save_directory, **kwargs)
+        self._mplug_processor().save_pretrained(save_directory, **kwargs)
 
     def _mplug_processor(self) -> MPLUGProcessor:
         """The pipeline's `MPLUGProcessor` (given, or built from the loaded tokenizer and image processor), checked
