@@ -358,3 +358,11 @@ def test_forward_kwargs_follow_transformers_kwargs():
         model(**inputs, labels=labels, position_ids=torch.arange(7)[None])
     with pytest.raises(TypeError, match="token_type_ids"):  # the trunk takes no token types
         MPLUGModel(tiny_config())(**inputs, token_type_ids=torch.zeros_like(inputs["input_ids"]))
+
+
+def test_config_vocab_size_is_the_text_vocabulary_and_settable():
+    config = tiny_config()
+    config.vocab_size = 140  # as transformers' resizing code writes it
+    assert config.text_config.vocab_size == 140 == config.vocab_size
+    with pytest.raises(ValueError, match="`vocab_size` must be an int >= 1"):
+        config.vocab_size = 0

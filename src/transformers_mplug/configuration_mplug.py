@@ -411,7 +411,14 @@ class MPLUGConfig(PretrainedConfig):
 
     @property
     def vocab_size(self) -> int:
+        """The text vocabulary (`text_config.vocab_size`), shared by the text encoder and the decoder."""
         return self.text_config.vocab_size
+
+    @vocab_size.setter
+    def vocab_size(self, value: int) -> None:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"`vocab_size` must be an int >= 1, got {value!r}.")
+        self.text_config.vocab_size = value
 
     @property
     def has_vision_projection(self) -> bool:
