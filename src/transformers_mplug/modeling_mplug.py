@@ -2623,42 +2623,6 @@ class MPLUGForVisualReasoning(MPLUGPreTrainedModel):
 
 
 # ------------------------------------------------------------------------------------------------ pretraining
-def _ema_(teacher: torch.Tensor, student: torch.Tensor, momentum: float) -> None:
-    """`teacher <- momentum * teacher + (1 - momentum) * student` in place, for plain parameters and DeepSpeed ZeRO-3
-    ones. A ZeRO-3 parameter keeps this rank's shard in `ds_tensor` and, while gathered (always for the small
-    "persistent" ones), the full tensor in `.data`; teacher and student shards of one parameter share a layout."""
-    if not hasattr(teacher, "ds_tensor"):
-        teacher.data.mul_(momentum).add_(student.data.to(teacher.dtype), alpha=1.0 - momentum)
-        return
-    shard, numel = teacher.ds_tensor, teacher.ds_numel
-    teacher_full, student_full = teacher.data.numel() == numel, student.data.numel() == student.ds_numel
-    if teacher_full and student_full:
-        teacher.data.mul_(momentum).add_(student.data.to(teacher.dtype), alpha=1.0 - momentum)
-        if shard.untyped_storage().data_ptr() != teacher.data.untyped_storage().data_ptr():
-            rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-            piece = teacher.data.reshape(-1)[rank * shard.numel() : (rank + 1) * shard.numel()]
-            shard.reshape(-1)[: piece.numel()].copy_(piece)
-        return
-    shard.mul_(momentum).add_(student.ds_tensor.to(shard.dtype), alpha=1.0 - momentum)
-    if teacher_full:  # refresh the gathered copy from every rank's updated shard
-        world_size = torch.distributed.get_world_size()
-        gathered = torch.empty(world_size * shard.numel(), dtype=shard.dtype, device=shard.device)
-        torch.distributed.all_gather_into_tensor(gathered, shard.reshape(-1).contiguous())
-        teacher.data.copy_(gathered[:numel].view_as(teacher.data))
-
-
-def _gather_across_ranks(tensor: torch.Tensor) -> torch.Tensor:
-    """`torch.cat` of `tensor` from every rank (no gradient), or `tensor` itself outside distributed runs."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return tensor
-    world_size = torch.distributed.get_world_size()
-    if world_size == 1:
-        return tensor
-    parts = [torch.empty_like(tensor) for _ in range(world_size)]
-    torch.distributed.all_gather(parts, tensor.contiguous())
-    return torch.cat(parts, dim=0)
-
-
 class MPLUGMomentumEncoder(nn.Module):
     """The momentum (teacher) copies of what ITC runs: vision tower (+ projection), text encoder and the two ITC
     projections. Never trained by gradients; updated as an EMA of the student by [`MPLUGMomentumCallback`]."""
@@ -2807,11 +2771,10 @@ class MPLUGForPreTraining(MPLUGForRetrieval):
         momentum = self.config.momentum if momentum is None else float(momentum)
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"`momentum` must be in [0, 1], got {momentum!r}.")
+        from .training import ema_update_  # the distributed (DeepSpeed ZeRO-3) handling lives in training.py
+
         for name, teacher, student in self.momentum_parameter_pairs():
-            shapes = [tuple(getattr(p, "ds_shape", p.shape)) for p in (teacher, student)]  # ZeRO-3: full shape
-            if shapes[0] != shapes[1]:
-                raise ValueError(f"Momentum parameter {name}: teacher {shapes[0]} vs student {shapes[1]}.")
-            _ema_(teacher, student, momentum)
+            ema_update_(teacher, student, momentum, name)
 
     def copy_student_to_momentum_encoder(self) -> None:
         """Make the teacher equal to the student (done at construction and when a checkpoint has no teacher)."""
@@ -2830,9 +2793,11 @@ class MPLUGForPreTraining(MPLUGForRetrieval):
     def _enqueue(self, image_features: torch.Tensor, text_features: torch.Tensor, idx: torch.Tensor) -> None:
         if self.config.queue_size == 0:
             return
-        image_features = _gather_across_ranks(image_features)
-        text_features = _gather_across_ranks(text_features)
-        idx = _gather_across_ranks(idx)
+        from .training import gather_across_ranks  # every rank enqueues every rank's features, as the original
+
+        image_features = gather_across_ranks(image_features)
+        text_features = gather_across_ranks(text_features)
+        idx = gather_across_ranks(idx)
         size = self.config.queue_size
         if image_features.shape[0] > size:
             image_features, text_features, idx = image_features[-size:], text_features[-size:], idx[-size:]

@@ -1,5 +1,6 @@
-"""Training utilities for the transformers `Trainer`: the momentum (EMA teacher) update of mPLUG pretraining and
-the original self-critical (SCST) loss."""
+"""Training utilities for the transformers `Trainer`: the momentum (EMA teacher) update of mPLUG pretraining with its
+DeepSpeed ZeRO-3 handling, the cross-rank gathering of the ITC queues, and the original self-critical (SCST) loss.
+(The modeling file uses no distributed API itself.)"""
 
 from __future__ import annotations
 
@@ -12,6 +13,45 @@ from transformers.utils import logging
 from .generation_mplug import gnmt_length_penalty
 
 logger = logging.get_logger(__name__)
+
+
+def ema_update_(teacher: torch.Tensor, student: torch.Tensor, momentum: float, name: str = "") -> None:
+    """`teacher <- momentum * teacher + (1 - momentum) * student` in place, for plain parameters and DeepSpeed ZeRO-3
+    ones. A ZeRO-3 parameter keeps this rank's shard in `ds_tensor` and, while gathered (always for the small
+    "persistent" ones), the full tensor in `.data`; teacher and student shards of one parameter share a layout."""
+    shapes = [tuple(getattr(p, "ds_shape", p.shape)) for p in (teacher, student)]  # ZeRO-3: the full shape
+    if shapes[0] != shapes[1]:
+        raise ValueError(f"Momentum parameter {name}: teacher {shapes[0]} vs student {shapes[1]}.")
+    if not hasattr(teacher, "ds_tensor"):
+        teacher.data.mul_(momentum).add_(student.data.to(teacher.dtype), alpha=1.0 - momentum)
+        return
+    shard, numel = teacher.ds_tensor, teacher.ds_numel
+    teacher_full, student_full = teacher.data.numel() == numel, student.data.numel() == student.ds_numel
+    if teacher_full and student_full:
+        teacher.data.mul_(momentum).add_(student.data.to(teacher.dtype), alpha=1.0 - momentum)
+        if shard.untyped_storage().data_ptr() != teacher.data.untyped_storage().data_ptr():
+            rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+            piece = teacher.data.reshape(-1)[rank * shard.numel() : (rank + 1) * shard.numel()]
+            shard.reshape(-1)[: piece.numel()].copy_(piece)
+        return
+    shard.mul_(momentum).add_(student.ds_tensor.to(shard.dtype), alpha=1.0 - momentum)
+    if teacher_full:  # refresh the gathered copy from every rank's updated shard
+        world_size = torch.distributed.get_world_size()
+        gathered = torch.empty(world_size * shard.numel(), dtype=shard.dtype, device=shard.device)
+        torch.distributed.all_gather_into_tensor(gathered, shard.reshape(-1).contiguous())
+        teacher.data.copy_(gathered[:numel].view_as(teacher.data))
+
+
+def gather_across_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """`torch.cat` of `tensor` from every rank (no gradient), or `tensor` itself outside distributed runs."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return tensor
+    world_size = torch.distributed.get_world_size()
+    if world_size == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(world_size)]
+    torch.distributed.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts, dim=0)
 
 
 class MPLUGMomentumCallback(TrainerCallback):
@@ -178,4 +218,10 @@ def self_critical_loss(
     return loss, rewards
 
 
-__all__ = ["MPLUGMomentumCallback", "original_hypothesis_scores", "self_critical_loss"]
+__all__ = [
+    "MPLUGMomentumCallback",
+    "ema_update_",
+    "gather_across_ranks",
+    "original_hypothesis_scores",
+    "self_critical_loss",
+]
