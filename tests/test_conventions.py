@@ -378,3 +378,18 @@ def test_the_modeling_file_uses_no_distributed_api():
     for name in ("torch.distributed", "ds_tensor", "ds_numel", "ds_shape", "deepspeed"):
         assert name not in source, name
     assert "torch.distributed" in inspect.getsource(training.gather_across_ranks)
+
+
+def test_a_bert_tokenizer_with_added_tokens_keeps_its_ids_in_the_processor(vocab_file):
+    from transformers_mplug import MPLUGImageProcessor
+
+    old = BertTokenizer(vocab=str(vocab_file), do_lower_case=True)
+    old.add_tokens(["<obj>"])
+    old.add_special_tokens({"additional_special_tokens": ["[LOC]"]})
+    processor = MPLUGProcessor(MPLUGImageProcessor(size={"height": 32, "width": 32}), old)
+    text = "a <obj> [LOC] cat"
+    assert (
+        processor.tokenizer(text)["input_ids"] == [old.cls_token_id] + old(text, add_special_tokens=False)["input_ids"]
+    )
+    assert processor.tokenizer.get_vocab() == old.get_vocab()
+    assert "[LOC]" in processor.tokenizer.all_special_tokens

@@ -29,9 +29,12 @@ def load_vocab(vocab_file: str | os.PathLike) -> dict[str, int]:
 
 
 def _as_mplug_tokenizer(tokenizer: BertTokenizer) -> MPLUGTokenizer:
-    """The same WordPiece vocabulary and settings as an [`MPLUGTokenizer`] (which carries mPLUG's token contract)."""
-    return MPLUGTokenizer(
-        vocab=dict(sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])),
+    """The same WordPiece vocabulary, added tokens and settings as an [`MPLUGTokenizer`] (which carries mPLUG's token
+    contract); refuses a tokenizer whose ids it cannot reproduce."""
+    base_size = tokenizer.vocab_size  # the WordPiece vocabulary, without added tokens
+    vocab = {token: index for token, index in tokenizer.get_vocab().items() if index < base_size}
+    converted = MPLUGTokenizer(
+        vocab=dict(sorted(vocab.items(), key=lambda item: item[1])),
         do_lower_case=getattr(tokenizer, "do_lower_case", True),
         tokenize_chinese_chars=getattr(tokenizer, "tokenize_chinese_chars", True),
         strip_accents=getattr(tokenizer, "strip_accents", None),
@@ -42,6 +45,18 @@ def _as_mplug_tokenizer(tokenizer: BertTokenizer) -> MPLUGTokenizer:
         cls_token=tokenizer.cls_token,
         mask_token=tokenizer.mask_token,
     )
+    added = [token for index, token in sorted(tokenizer.added_tokens_decoder.items()) if index >= base_size]
+    if added:
+        converted.add_tokens(added)
+    extra = list(getattr(tokenizer, "extra_special_tokens", None) or [])
+    if extra:
+        converted.add_special_tokens({"additional_special_tokens": extra})
+    if converted.get_vocab() != tokenizer.get_vocab():
+        raise ValueError(
+            "`tokenizer` cannot be carried over to an MPLUGTokenizer with the same ids; save it as one "
+            "(`MPLUGTokenizer(vocab=...)`) or build the processor with `MPLUGProcessor.from_vocab_file`."
+        )
+    return converted
 
 
 class MPLUGProcessor(ProcessorMixin):
