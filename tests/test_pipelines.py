@@ -30,6 +30,10 @@ from transformers_mplug.pipelines import (
 
 from .conftest import REPO_ROOT, TF52_PATH, tiny_config
 
+# a tiny vision tower for the other (non-mPLUG) models of these tests
+OTHER_MODEL_VISION = dict(
+    hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=16
+)
 GROUNDING = dict(grounding_prefix_token_id=20, coordinate_token_start_id=21, num_coordinate_bins=33)
 
 
@@ -161,14 +165,7 @@ def test_other_models_keep_the_native_pipeline(processor, image):
             num_attention_heads=2,
             max_position_embeddings=40,
         ),
-        vision_config=dict(
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            image_size=32,
-            patch_size=16,
-        ),
+        vision_config=OTHER_MODEL_VISION,
         projection_dim=16,
     )
     classifier = pipeline(
@@ -202,14 +199,7 @@ def test_other_models_still_get_transformers_removal_notice_for_vqa(processor):
         text_config=dict(
             vocab_size=128, hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2
         ),
-        vision_config=dict(
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            image_size=32,
-            patch_size=16,
-        ),
+        vision_config=OTHER_MODEL_VISION,
     )
     with pytest.raises(
         TypeError, match="BlipForQuestionAnswering.*transformers removed the 'visual-question-answering'"

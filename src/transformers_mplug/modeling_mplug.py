@@ -116,20 +116,12 @@ TRUNK_RECORDED_FIELDS = (
 )
 
 
-@dataclass
-class _RecordedCall(MPLUGModelOutput):
-    """[`MPLUGModel.run_recorded`]'s carrier: the computation's result beside the recorded fields."""
-
-    result: object = None
-
-
 def _recorded_fields(trunk_output: MPLUGModelOutput | None) -> dict:
     """The recorded hidden states/attentions of a trunk output, for a head's output."""
     if trunk_output is None:
         return {}
-    return {
-        name: getattr(trunk_output, name) for name in TRUNK_RECORDED_FIELDS if getattr(trunk_output, name) is not None
-    }
+    fields = {name: getattr(trunk_output, name) for name in TRUNK_RECORDED_FIELDS}
+    return {name: value for name, value in fields.items() if value is not None}
 
 
 def _reject_unused_kwargs(model: nn.Module, kwargs: dict, ignored: tuple[str, ...] = ("token_type_ids",)) -> None:
@@ -737,21 +729,54 @@ class MPLUGModel(MPLUGPreTrainedModel):
             flags.update({name: False for name in flags if name.startswith("output_fusion_")})
         return flags
 
-    def run_recorded(
-        self, compute: Callable[[], object], output_hidden_states: bool = False, output_attentions: bool = False
-    ) -> tuple[object, dict]:
-        """Run `compute()` (calls into this trunk's vision tower / cross-modal encoder) with the trunk's output
-        recorders active (transformers' output capturing); returns its result and the recorded fields of
-        [`MPLUGModelOutput`] (the text encoder's own states come from `output_hidden_states` of its call)."""
-        if not (output_hidden_states or output_attentions):
-            return compute(), {}
-        flags = self._recording_flags(output_hidden_states, output_attentions)
-        recorded = self._capture(compute, return_dict=True, **flags)
-        return recorded.result, _recorded_fields(recorded)
+    def encode_separately(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> MPLUGModelOutput:
+        """The vision tower (+ projection) and the text encoder without the cross-modal encoder (what ITC and the
+        pair fusion of visual reasoning start from): `image_embeds`, `text_embeds` and, when asked, the `vision_*` /
+        `text_*` recorded states. The image and text batches may differ in size."""
+        return self._encode_separately(
+            pixel_values,
+            input_ids,
+            attention_mask,
+            image_embeds,
+            text_outputs=(output_hidden_states, output_attentions),
+            return_dict=True,
+            output_vision_hidden_states=output_hidden_states,
+            output_vision_attentions=output_attentions,
+        )
 
     @capture_outputs(tie_last_hidden_states=False)
-    def _capture(self, compute: Callable[[], object], **recording_flags: bool) -> _RecordedCall:
-        return _RecordedCall(result=compute())
+    def _encode_separately(
+        self,
+        pixel_values: torch.Tensor | None,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        image_embeds: torch.Tensor | None,
+        text_outputs: tuple[bool, bool],
+        **recording_flags: bool,
+    ) -> MPLUGModelOutput:
+        if image_embeds is None:
+            if pixel_values is None:
+                raise ValueError("Pass `pixel_values` (or precomputed `image_embeds`).")
+            image_embeds = self.encode_image(pixel_values)[1]
+        elif pixel_values is not None:
+            raise ValueError("Pass either `pixel_values` or `image_embeds`, not both.")
+        if input_ids is None:
+            raise ValueError("`input_ids` is required: pass the processor's text ids.")
+        text = self._text_output(input_ids, self._checked_text(input_ids, attention_mask), *text_outputs)
+        return MPLUGModelOutput(
+            image_embeds=image_embeds,
+            text_embeds=text.last_hidden_state,
+            text_hidden_states=text.hidden_states,
+            text_attentions=text.attentions,
+        )
 
     @capture_outputs(tie_last_hidden_states=False)
     def _recorded_forward(
@@ -2012,18 +2037,12 @@ class MPLUGForRetrieval(MPLUGPreTrainedModel):
             itm_logits = self.itm_head(trunk.fused_text_embeds[:, 0])
             return MPLUGRetrievalOutput(itm_logits=itm_logits, **_recorded_fields(trunk))
 
-        def encode():
-            images = self._image_embeds(pixel_values, image_embeds)
-            mask = self.mplug._checked_text(input_ids, attention_mask)
-            return images, self.mplug._text_output(input_ids, mask, output_hidden_states, output_attentions)
-
-        (images, text), recorded = self.mplug.run_recorded(encode, output_hidden_states, output_attentions)
-        if text.hidden_states is not None:
-            recorded["text_hidden_states"] = text.hidden_states
-        if text.attentions is not None:
-            recorded["text_attentions"] = text.attentions
-        image_features = self.get_image_features(image_embeds=images)
-        text_features = self.get_text_features(text_embeds=text.last_hidden_state)
+        encoded = self.mplug.encode_separately(
+            pixel_values, input_ids, attention_mask, image_embeds, output_hidden_states, output_attentions
+        )
+        recorded = _recorded_fields(encoded)
+        image_features = self.get_image_features(image_embeds=encoded.image_embeds)
+        text_features = self.get_text_features(text_embeds=encoded.text_embeds)
         logits_per_image = image_features @ text_features.t() / self.temp
         return MPLUGRetrievalOutput(
             logits_per_image=logits_per_image,
@@ -2604,21 +2623,16 @@ class MPLUGForVisualReasoning(MPLUGPreTrainedModel):
         batch_size = pixel_values.shape[0]
         hidden, attentions = _output_flags(self.config, output_hidden_states, output_attentions)
 
-        def encode():
-            images = self.mplug.encode_image(pixel_values.flatten(0, 1))[1].unflatten(0, (batch_size, 2))
-            mask = self.mplug._checked_text(input_ids, attention_mask)
-            return images, self.mplug._text_output(input_ids, mask, hidden, attentions)
-
-        (images, text), recorded = self.mplug.run_recorded(encode, hidden, attentions)
-        recorded = {name: value for name, value in recorded.items() if name.startswith("vision_")}
-        if text.hidden_states is not None:
-            recorded["text_hidden_states"] = text.hidden_states
-        if text.attentions is not None:
-            recorded["text_attentions"] = text.attentions
-        fused = self.fuse_pair(images[:, 0], images[:, 1], text.last_hidden_state, attention_mask)
+        encoded = self.mplug.encode_separately(
+            pixel_values.flatten(0, 1), input_ids, attention_mask, None, hidden, attentions
+        )
+        images = encoded.image_embeds.unflatten(0, (batch_size, 2))
+        fused = self.fuse_pair(images[:, 0], images[:, 1], encoded.text_embeds, attention_mask)
         logits = self.classifier(fused[:, 0])
         loss = None if labels is None else _classification_loss(logits, labels)
-        output = MPLUGImageTextClassifierOutput(loss=loss, logits=logits, fused_text_embeds=fused, **recorded)
+        output = MPLUGImageTextClassifierOutput(
+            loss=loss, logits=logits, fused_text_embeds=fused, **_recorded_fields(encoded)
+        )
         return output
 
 

@@ -292,10 +292,6 @@ class _Rule:
     when: Callable[[_Context], bool] | None = None
     value: Callable[[torch.Tensor, _Context], torch.Tensor] | None = None
 
-    @property
-    def regex(self) -> re.Pattern:
-        return re.compile(self.pattern)
-
 
 def _resized_position_embedding(value: torch.Tensor, context: _Context) -> torch.Tensor:
     vision = context.config.vision_config
@@ -403,10 +399,11 @@ def _apply_rules(
     state_dict: Mapping[str, torch.Tensor], rules: tuple[_Rule, ...], context: _Context
 ) -> OriginalKeyMapping:
     result = OriginalKeyMapping(state_dict={})
+    compiled = [(rule, re.compile(rule.pattern)) for rule in rules]
     for raw_key, value in state_dict.items():
         key = normalise_original_key(raw_key)
-        for rule in rules:
-            match = rule.regex.match(key)
+        for rule, regex in compiled:
+            match = regex.match(key)
             if match is None or (rule.when is not None and not rule.when(context)):
                 continue
             if rule.drop is not None:
