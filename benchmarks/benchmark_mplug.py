@@ -330,8 +330,8 @@ def bench_retrieval(args) -> list[dict]:
         ids = torch.randint(1000, 30000, (gallery, 12), generator=generator)
         ids[:, 0] = 101
         start = time.perf_counter()
-        text = model.get_text_features(ids)
-        image = model.get_image_features(image_embeds=image_embeds)
+        text = model.get_text_features(ids).pooler_output
+        image = model.get_image_features(image_embeds=image_embeds).pooler_output
         similarity = image @ text.t()
         similarity.topk(min(10, gallery), dim=1)
         itc = time.perf_counter() - start

@@ -202,8 +202,8 @@ def probe_outputs(model, task: str, inputs: dict[str, torch.Tensor]) -> dict[str
         result.update(default_decoding_ids=beam.sequences, default_decoding_scores=beam.sequences_scores)
     elif task in ("retrieval", "pretrained"):
         result.update(
-            image_features=model.get_image_features(pixel_values=pixels),
-            text_features=model.get_text_features(ids, mask),
+            image_features=model.get_image_features(pixel_values=pixels).pooler_output,
+            text_features=model.get_text_features(ids, mask).pooler_output,
             itm_logits=model.match_pairs(pixels, ids, mask),
         )
     if task == "pretrained":

@@ -67,10 +67,10 @@ def test_retrieval_forward_returns_clip_style_logits(retrieval):
     images = inputs["pixel_values"][:2]
     with torch.no_grad():
         out = retrieval(pixel_values=images, input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-        image_features = retrieval.get_image_features(pixel_values=images)
+        image_features = retrieval.get_image_features(pixel_values=images).pooler_output
         text_features = retrieval.get_text_features(
             input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
-        )
+        ).pooler_output
     assert out.loss is None and out.logits_per_image.shape == (2, 3)
     torch.testing.assert_close(out.logits_per_image, image_features @ text_features.t() / retrieval.temp)
     torch.testing.assert_close(out.logits_per_text, out.logits_per_image.t())
@@ -78,6 +78,45 @@ def test_retrieval_forward_returns_clip_style_logits(retrieval):
         pixel_values=images, input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], return_dict=False
     )
     torch.testing.assert_close(as_tuple[0], out.logits_per_image)
+
+
+def test_feature_getters_return_model_outputs_as_clip():
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    torch.manual_seed(0)
+    retrieval = MPLUGForRetrieval(tiny_config(projection_dim=16, attn_implementation="eager")).eval()
+    inputs = tiny_inputs(retrieval.config, batch_size=2)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    with torch.no_grad():
+        trunk = retrieval.mplug(**inputs, output_hidden_states=True, output_attentions=True)
+        image = retrieval.get_image_features(
+            pixel_values=inputs["pixel_values"], output_hidden_states=True, output_attentions=True
+        )
+        text = retrieval.get_text_features(ids, mask, output_hidden_states=True, output_attentions=True)
+        raw = retrieval.get_image_features(pixel_values=inputs["pixel_values"], normalize=False)
+        as_tuple = retrieval.get_text_features(ids, mask, return_dict=False)
+    assert isinstance(image, BaseModelOutputWithPooling) and isinstance(text, BaseModelOutputWithPooling)
+    torch.testing.assert_close(image.last_hidden_state, trunk.image_embeds)
+    torch.testing.assert_close(text.last_hidden_state, trunk.text_embeds)
+    torch.testing.assert_close(image.pooler_output, torch.nn.functional.normalize(raw.pooler_output, dim=-1))
+    torch.testing.assert_close(raw.pooler_output, retrieval.vision_proj(trunk.image_embeds[:, 0]))
+    torch.testing.assert_close(text.pooler_output.norm(dim=-1), torch.ones(2))
+    for ours, theirs in (
+        (image.hidden_states, trunk.vision_hidden_states),
+        (text.hidden_states, trunk.text_hidden_states),
+    ):
+        assert len(ours) == len(theirs)
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a, b)
+    assert len(image.attentions) == retrieval.config.vision_config.num_hidden_layers
+    assert len(text.attentions) == retrieval.config.text_config.num_hidden_layers
+    assert raw.hidden_states is None and raw.attentions is None
+    assert isinstance(as_tuple, tuple)
+    torch.testing.assert_close(as_tuple[1], text.pooler_output)
+    with pytest.raises(ValueError, match="pass `pixel_values`"):
+        retrieval.get_image_features(image_embeds=trunk.image_embeds, output_hidden_states=True)
+    with pytest.raises(ValueError, match="not both"):
+        retrieval.get_text_features(ids, text_embeds=trunk.text_embeds)
 
 
 def test_retrieval_forward_itm_head_scores_pairs(retrieval):
@@ -389,3 +428,74 @@ def test_a_bert_tokenizer_with_added_tokens_keeps_its_ids_in_the_processor(vocab
     )
     assert processor.tokenizer.get_vocab() == old.get_vocab()
     assert "[LOC]" in processor.tokenizer.all_special_tokens
+
+
+# ------------------------------------------------------------------------------------------------ step decoding
+@pytest.mark.parametrize("head", ["qa", "caption"])
+def test_a_step_by_step_loop_with_use_cache_drives_the_decoder_heads(head):
+    from transformers_mplug import MPLUGForCaptioning, MPLUGForQuestionAnswering, MPLUGModelOutput
+
+    torch.manual_seed(0)
+    cls = MPLUGForQuestionAnswering if head == "qa" else MPLUGForCaptioning
+    model = cls(tiny_config()).eval()
+    inputs = tiny_inputs(model.config, batch_size=2)
+    steps, bos = 4, model.config.bos_token_id
+    tokens = torch.full((2, 1), bos)
+    with torch.no_grad():
+        expected = model.generate(
+            **(inputs if head == "qa" else {"pixel_values": inputs["pixel_values"]}),
+            num_beams=1,
+            max_new_tokens=steps,
+            min_new_tokens=steps,
+            decoding_mode="transformers",
+        )
+        if head == "qa":
+            first = model(**inputs, decoder_input_ids=tokens, use_cache=True)
+            encoded = MPLUGModelOutput(
+                last_hidden_state=first.memory, memory_attention_mask=first.memory_attention_mask
+            )
+
+            def step(new, past):
+                return model(encoder_outputs=encoded, decoder_input_ids=new, cache=past)
+
+        else:
+            first = model(pixel_values=inputs["pixel_values"], input_ids=tokens, use_cache=True)
+
+            def step(new, past):
+                return model(image_embeds=first.memory, input_ids=new, cache=past)
+
+        out, logits = first, [first.logits[:, -1]]
+        for _ in range(steps - 1):
+            tokens = torch.cat([tokens, out.logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+            out = step(tokens[:, -1:], out.cache)
+            logits.append(out.logits[:, -1])
+        tokens = torch.cat([tokens, out.logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        teacher = (
+            model(**inputs, decoder_input_ids=tokens[:, :-1])
+            if head == "qa"
+            else model(pixel_values=inputs["pixel_values"], input_ids=tokens[:, :-1])
+        )
+    assert out.cache.get_seq_length() == steps
+    torch.testing.assert_close(torch.stack(logits, 1), teacher.logits, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(tokens, expected)
+    assert (
+        model(
+            **inputs if head == "qa" else {"pixel_values": inputs["pixel_values"]},
+            **({"decoder_input_ids": tokens} if head == "qa" else {"input_ids": tokens}),
+        ).past_key_values
+        is None
+    )
+    assert out.past_key_values is out.cache  # the name before transformers 5.24
+    new = (
+        {"encoder_outputs": encoded, "decoder_input_ids": tokens[:, -1:]}
+        if head == "qa"
+        else {"image_embeds": first.memory, "input_ids": tokens[:, -1:]}
+    )
+    with pytest.raises(ValueError, match="use_cache=False"):
+        model(**new, cache=out.cache, use_cache=False)
+    with pytest.raises(ValueError, match="shape"):  # a mask over the new tokens only
+        model(
+            **new,
+            cache=out.cache,
+            **{("decoder_attention_mask" if head == "qa" else "attention_mask"): torch.ones(2, 1)},
+        )

@@ -117,8 +117,8 @@ def test_text_features_refuse_a_mask_of_the_wrong_shape():
         model.get_text_features(inputs["input_ids"], inputs["attention_mask"][:, :-1])
     # without a mask the padding is masked: the same features as with the processor's mask
     torch.testing.assert_close(
-        model.get_text_features(inputs["input_ids"]),
-        model.get_text_features(inputs["input_ids"], inputs["attention_mask"]),
+        model.get_text_features(inputs["input_ids"]).pooler_output,
+        model.get_text_features(inputs["input_ids"], inputs["attention_mask"]).pooler_output,
     )
 
 

@@ -50,17 +50,19 @@ class TestRetrievalCommon(MPLUGModelTesterMixin):
         model = self.build()
         inputs = tiny_inputs(model.config, padded=True)
         with torch.no_grad():
-            image = model.get_image_features(pixel_values=inputs["pixel_values"])
-            text = model.get_text_features(inputs["input_ids"], inputs["attention_mask"])
+            image = model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
+            text = model.get_text_features(inputs["input_ids"], inputs["attention_mask"]).pooler_output
             pairs = model.match_pairs(**inputs)
             for row in range(3):
                 keep = int(inputs["attention_mask"][row].sum())
                 ids, mask = inputs["input_ids"][row : row + 1, :keep], inputs["attention_mask"][row : row + 1, :keep]
                 pixels = inputs["pixel_values"][row : row + 1]
                 torch.testing.assert_close(
-                    image[row], model.get_image_features(pixel_values=pixels)[0], atol=1e-5, rtol=1e-4
+                    image[row], model.get_image_features(pixel_values=pixels).pooler_output[0], atol=1e-5, rtol=1e-4
                 )
-                torch.testing.assert_close(text[row], model.get_text_features(ids, mask)[0], atol=1e-5, rtol=1e-4)
+                torch.testing.assert_close(
+                    text[row], model.get_text_features(ids, mask).pooler_output[0], atol=1e-5, rtol=1e-4
+                )
                 torch.testing.assert_close(pairs[row], model.match_pairs(pixels, ids, mask)[0], atol=1e-5, rtol=1e-4)
 
 
@@ -68,9 +70,9 @@ def test_features_are_normalised_projections():
     model = MPLUGForRetrieval(config()).eval()
     inputs = tiny_inputs(model.config)
     with torch.no_grad():
-        image = model.get_image_features(pixel_values=inputs["pixel_values"])
-        raw = model.get_image_features(pixel_values=inputs["pixel_values"], normalize=False)
-        text = model.get_text_features(inputs["input_ids"], inputs["attention_mask"])
+        image = model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
+        raw = model.get_image_features(pixel_values=inputs["pixel_values"], normalize=False).pooler_output
+        text = model.get_text_features(inputs["input_ids"], inputs["attention_mask"]).pooler_output
         embeds = model.mplug.encode_image(inputs["pixel_values"])[1]
     assert image.shape == (3, 16) and text.shape == (3, 16)
     torch.testing.assert_close(image.norm(dim=-1), torch.ones(3))
@@ -158,8 +160,8 @@ def test_corpus_retrieval_matches_brute_force_itm_and_is_batched(monkeypatch):
     result = model.retrieve(pixel_values=images, input_ids=ids, attention_mask=mask, k=3, batch_size=4)
     assert sum(calls) == 5 * 3 + 6 * 3 and max(calls) <= 4  # only the ITC candidates are fused, in batches
     with torch.no_grad():
-        image_feats = model.get_image_features(pixel_values=images)
-        text_feats = model.get_text_features(ids, mask)
+        image_feats = model.get_image_features(pixel_values=images).pooler_output
+        text_feats = model.get_text_features(ids, mask).pooler_output
         torch.testing.assert_close(result.similarity, image_feats @ text_feats.t(), atol=1e-5, rtol=1e-4)
         for i in range(5):
             candidates = result.similarity[i].topk(3).indices

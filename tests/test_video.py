@@ -61,9 +61,11 @@ def test_mean_pooled_video_features_average_the_frames(retriever):
     generator = torch.Generator().manual_seed(0)
     videos = torch.randn(2, 3, 3, 32, 32, generator=generator)  # 2 videos x 3 frames
     with torch.no_grad():
-        pooled = retriever.get_image_features(pixel_values=videos, frame_pooling="mean")
-        per_frame = retriever.get_image_features(pixel_values=videos.flatten(0, 1), normalize=False).view(2, 3, -1)
-        first = retriever.get_image_features(pixel_values=videos)
+        pooled = retriever.get_image_features(pixel_values=videos, frame_pooling="mean").pooler_output
+        per_frame = retriever.get_image_features(pixel_values=videos.flatten(0, 1), normalize=False).pooler_output.view(
+            2, 3, -1
+        )
+        first = retriever.get_image_features(pixel_values=videos).pooler_output
     torch.testing.assert_close(pooled, torch.nn.functional.normalize(per_frame.mean(1), dim=-1), atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(first, torch.nn.functional.normalize(per_frame[:, 0], dim=-1), atol=1e-6, rtol=1e-5)
     with pytest.raises(ValueError, match="frame_pooling='mean'"):
@@ -89,10 +91,12 @@ def test_text_to_video_retrieval_scores_itm_plus_itc_and_batches_like_one_by_one
         assert result.text_to_image_indices.shape == (4, 3) and result.image_to_text_indices.shape == (3, 3)
         # each score = ITM match logit over the concatenated frame tokens + mean-pooled ITC similarity
         text, video = 1, int(result.text_to_image_indices[1, 0])
-        features = retriever.get_image_features(pixel_values=videos[video : video + 1], frame_pooling="mean")
+        features = retriever.get_image_features(
+            pixel_values=videos[video : video + 1], frame_pooling="mean"
+        ).pooler_output
         text_features = retriever.get_text_features(
             texts["input_ids"][text : text + 1], texts["attention_mask"][text : text + 1]
-        )
+        ).pooler_output
         itm = retriever.match_pairs(
             videos[video : video + 1], texts["input_ids"][text : text + 1], texts["attention_mask"][text : text + 1]
         )[0, 1]

@@ -20,9 +20,10 @@ from transformers import (
     PreTrainedModel,
 )
 from transformers import initialization as init
-from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.bert.modeling_bert import (
     BertAttention,
@@ -740,7 +741,7 @@ class MPLUGModel(MPLUGPreTrainedModel):
     ) -> MPLUGModelOutput:
         """The vision tower (+ projection) and the text encoder without the cross-modal encoder (what ITC and the
         pair fusion of visual reasoning start from): `image_embeds`, `text_embeds` and, when asked, the `vision_*` /
-        `text_*` recorded states. The image and text batches may differ in size."""
+        `text_*` recorded states. The image and text batches may differ in size; either side may be left out."""
         return self._encode_separately(
             pixel_values,
             input_ids,
@@ -762,14 +763,14 @@ class MPLUGModel(MPLUGPreTrainedModel):
         text_outputs: tuple[bool, bool],
         **recording_flags: bool,
     ) -> MPLUGModelOutput:
-        if image_embeds is None:
-            if pixel_values is None:
-                raise ValueError("Pass `pixel_values` (or precomputed `image_embeds`).")
+        if pixel_values is None and image_embeds is None and input_ids is None:
+            raise ValueError("Pass `pixel_values` (or precomputed `image_embeds`), `input_ids`, or both.")
+        if image_embeds is None and pixel_values is not None:
             image_embeds = self.encode_image(pixel_values)[1]
         elif pixel_values is not None:
             raise ValueError("Pass either `pixel_values` or `image_embeds`, not both.")
         if input_ids is None:
-            raise ValueError("`input_ids` is required: pass the processor's text ids.")
+            return MPLUGModelOutput(image_embeds=image_embeds)
         text = self._text_output(input_ids, self._checked_text(input_ids, attention_mask), *text_outputs)
         return MPLUGModelOutput(
             image_embeds=image_embeds,
@@ -944,6 +945,9 @@ class MPLUGDecoderOutput(ModelOutput):
         decoder_hidden_states, decoder_attentions, decoder_cross_attentions (`tuple(torch.FloatTensor)`, *optional*):
             The decoder's hidden states (embeddings, then each layer), self-attention and memory cross-attention
             weights (eager attention), over the decoded sequences.
+        cache (`Cache`, *optional*, with `use_cache=True`): the decoder's self-attention cache and the memory's
+            cross-attention keys/values, to pass back with the next tokens (step-by-step decoding); also readable as
+            `past_key_values`, its name before transformers 5.24.
     """
 
     loss: torch.FloatTensor | None = None
@@ -962,6 +966,11 @@ class MPLUGDecoderOutput(ModelOutput):
     decoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
     decoder_attentions: tuple[torch.FloatTensor, ...] | None = None
     decoder_cross_attentions: tuple[torch.FloatTensor, ...] | None = None
+    cache: Cache | None = None
+
+    @property
+    def past_key_values(self) -> Cache | None:
+        return self.cache
 
 
 @dataclass
@@ -999,9 +1008,10 @@ def _decoder_inputs(
     pad_token_id: int,
     names: tuple[str, str] = ("decoder_input_ids", "decoder_attention_mask"),
     vocab_size: int | None = None,
+    past_length: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Decoder ids/mask from explicit ids or from `labels` (-100 = padding); labels from ids when absent; ids
-    checked against `vocab_size`."""
+    checked against `vocab_size`. After `past_length` cached tokens the mask covers the cached and the new tokens."""
     if vocab_size is not None:
         if labels is not None:
             _check_ids(labels, "labels", vocab_size, ignore_index=-100)
@@ -1017,9 +1027,14 @@ def _decoder_inputs(
         raise ValueError(f"`{names[0]}` must have shape (num_sequences, length), got {tuple(input_ids.shape)}.")
     if attention_mask is None:
         attention_mask = (input_ids != pad_token_id).long()
-        attention_mask[:, 0] = 1
-    if attention_mask.shape != input_ids.shape:
-        raise ValueError(f"`{names[1]}` must have the shape of `{names[0]}` {tuple(input_ids.shape)}.")
+        if past_length:
+            attention_mask = torch.cat([attention_mask.new_ones(input_ids.shape[0], past_length), attention_mask], 1)
+        else:
+            attention_mask[:, 0] = 1
+    expected = (input_ids.shape[0], past_length + input_ids.shape[1])
+    if attention_mask.shape != expected:
+        cached = f" (the {past_length} cached tokens, then the new ones)" if past_length else ""
+        raise ValueError(f"`{names[1]}` must have shape {expected}{cached}, got {tuple(attention_mask.shape)}.")
     if labels is not None and labels.shape != input_ids.shape:
         raise ValueError(
             f"`labels` shape {tuple(labels.shape)} must equal `{names[0]}` shape {tuple(input_ids.shape)}."
@@ -1102,18 +1117,47 @@ class MPLUGDecoderHeadMixin:
         memory_mask: torch.Tensor,
         output_hidden_states: bool = False,
         output_attentions: bool = False,
+        past_key_values: Cache | None = None,
+        use_cache: bool = False,
     ):
-        """The decoder (a `BertLMHeadModel`, which records its own hidden states/attentions) over the memory."""
+        """The decoder (a `BertLMHeadModel`, which records its own hidden states/attentions) over the memory; with
+        `use_cache`, a new cache starts with the memory's cross-attention keys/values."""
+        if use_cache and past_key_values is None:
+            past_key_values = self._memory_cache(memory)
         return self.text_decoder(
             input_ids=input_ids,
             attention_mask=attention_mask,
             encoder_hidden_states=memory,
             encoder_attention_mask=memory_mask,
-            use_cache=False,
+            use_cache=use_cache,
+            **{_CACHE_ARGUMENT: past_key_values},
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
             return_dict=True,
         )
+
+    @staticmethod
+    def _cache_arguments(
+        cache: Cache | None, past_key_values: Cache | None, use_cache: bool | None
+    ) -> tuple[Cache | None, bool, int]:
+        """`(cache, use_cache, past_length)` of a forward call: the cache is used when given (as `cache`, or
+        `past_key_values` as before transformers 5.24) or asked for (`use_cache=True`); forward's default is no
+        cache (`generate` keeps its own)."""
+        if cache is not None and past_key_values is not None:
+            raise ValueError("Pass the cache as `cache` or `past_key_values`, not both.")
+        past_key_values = cache if cache is not None else past_key_values
+        if past_key_values is not None and not isinstance(past_key_values, Cache):
+            raise TypeError(
+                f"`cache` must be the `Cache` a previous call returned, got {type(past_key_values).__name__}."
+            )
+        if use_cache is None:
+            use_cache = past_key_values is not None
+        if not isinstance(use_cache, bool):
+            raise TypeError(f"`use_cache` must be True or False, got {use_cache!r}.")
+        if past_key_values is not None and not use_cache:
+            raise ValueError("A `cache` is given with `use_cache=False`; pass `use_cache=True` or no cache.")
+        past_length = 0 if past_key_values is None else past_key_values.get_seq_length()
+        return past_key_values, use_cache, past_length
 
     @staticmethod
     def _decoder_recorded(decoded) -> dict:
@@ -1121,6 +1165,7 @@ class MPLUGDecoderHeadMixin:
             "decoder_hidden_states": decoded.hidden_states,
             "decoder_attentions": decoded.attentions,
             "decoder_cross_attentions": getattr(decoded, "cross_attentions", None),
+            "cache": getattr(decoded, _CACHE_ARGUMENT, None),
         }
         return {name: value for name, value in fields.items() if value is not None}
 
@@ -1292,6 +1337,10 @@ class MPLUGForQuestionAnswering(MPLUGDecoderHeadMixin, MPLUGPreTrainedModel, Gen
         answer_question_index: torch.Tensor | None = None,
         answers_per_question: torch.Tensor | list[int] | None = None,
         image_embeds: torch.Tensor | None = None,
+        encoder_outputs: MPLUGModelOutput | None = None,
+        cache: Cache | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
@@ -1299,6 +1348,12 @@ class MPLUGForQuestionAnswering(MPLUGDecoderHeadMixin, MPLUGPreTrainedModel, Gen
         r"""
         Args:
             pixel_values, input_ids, attention_mask, image_embeds: image(s) and question(s), as for [`MPLUGModel`].
+            encoder_outputs ([`MPLUGModelOutput`], *optional*): the trunk's output for these questions (e.g. from a
+                first call, `MPLUGModelOutput(last_hidden_state=out.memory, memory_attention_mask=...)`), to decode
+                without encoding again; then no image or question is passed.
+            cache (or past_key_values), use_cache: step-by-step decoding as in transformers: `use_cache=True`
+                returns `cache` (the decoder's cache, with the memory's keys/values); pass it back with only the new
+                `decoder_input_ids` (and a `decoder_attention_mask` over the cached and new tokens, if any).
             output_hidden_states, output_attentions: every stage's hidden states / attentions (trunk and decoder).
             labels (`torch.LongTensor` of shape `(num_answers, length)`):
                 Answers `[CLS] answer [SEP]`, padding -100 (the processor's `text_target`). The loss is
@@ -1314,28 +1369,49 @@ class MPLUGForQuestionAnswering(MPLUGDecoderHeadMixin, MPLUGPreTrainedModel, Gen
                 "Pass the answers as `labels` (training) or `decoder_input_ids`; for inference use `generate()` or "
                 "`rank_answers()`."
             )
+        past_key_values, use_cache, past_length = self._cache_arguments(cache, past_key_values, use_cache)
         decoder_input_ids, decoder_attention_mask, labels = _decoder_inputs(
             labels,
             decoder_input_ids,
             decoder_attention_mask,
             self.config.pad_token_id,
             vocab_size=self.config.vocab_size,
+            past_length=past_length,
         )
         hidden, attentions = _output_flags(self.config, output_hidden_states, output_attentions)
-        trunk = self.mplug(
-            pixel_values=pixel_values,
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            image_embeds=image_embeds,
-            output_hidden_states=hidden,
-            output_attentions=attentions,
-            return_dict=True,
-        )
-        memory, memory_mask = trunk.last_hidden_state, trunk.memory_attention_mask
+        if encoder_outputs is not None:
+            if any(value is not None for value in (pixel_values, input_ids, image_embeds)):
+                raise ValueError("Pass `encoder_outputs` or the image and question, not both.")
+            if not isinstance(encoder_outputs, MPLUGModelOutput) or encoder_outputs.last_hidden_state is None:
+                raise TypeError(
+                    "`encoder_outputs` must be an `MPLUGModelOutput` with `last_hidden_state` (the memory)."
+                )
+            trunk = encoder_outputs
+            memory, memory_mask = trunk.last_hidden_state, trunk.memory_attention_mask
+            if memory_mask is None:
+                memory_mask = torch.ones(memory.shape[:2], dtype=torch.long, device=memory.device)
+        else:
+            trunk = self.mplug(
+                pixel_values=pixel_values,
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                image_embeds=image_embeds,
+                output_hidden_states=hidden,
+                output_attentions=attentions,
+                return_dict=True,
+            )
+            memory, memory_mask = trunk.last_hidden_state, trunk.memory_attention_mask
         batch_size, num_answers = memory.shape[0], decoder_input_ids.shape[0]
         index = self._answer_index(batch_size, num_answers, answer_question_index, answers_per_question, memory.device)
         decoded = self._decoder_output(
-            decoder_input_ids, decoder_attention_mask, memory[index], memory_mask[index], hidden, attentions
+            decoder_input_ids,
+            decoder_attention_mask,
+            memory[index],
+            memory_mask[index],
+            hidden,
+            attentions,
+            past_key_values,
+            use_cache,
         )
         logits = decoded.logits
         loss = loss_per_answer = None
@@ -1354,7 +1430,7 @@ class MPLUGForQuestionAnswering(MPLUGDecoderHeadMixin, MPLUGPreTrainedModel, Gen
             loss_per_sequence=loss_per_answer,
             memory=memory,
             memory_attention_mask=memory_mask,
-            **_recorded_fields(trunk),
+            **(_recorded_fields(trunk) if encoder_outputs is None else {}),
             **self._decoder_recorded(decoded),
         )
         return output
@@ -1526,6 +1602,9 @@ class MPLUGForCaptioning(MPLUGDecoderHeadMixin, MPLUGPreTrainedModel, Generation
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         image_embeds: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
@@ -1535,9 +1614,13 @@ class MPLUGForCaptioning(MPLUGDecoderHeadMixin, MPLUGPreTrainedModel, Generation
             pixel_values (`(B, C, H, W)` or video `(B, T, C, H, W)`) or image_embeds: the image(s).
             input_ids, attention_mask: decoder input `[CLS] (prompt) caption [SEP]` (derived from `labels` if absent).
             labels: the same ids with -100 where no loss is wanted (padding, prompt); loss = mean token NLL.
+            cache (or past_key_values), use_cache: step-by-step decoding as in transformers: `use_cache=True`
+                returns `cache`; pass it back with only the new `input_ids` (and `image_embeds=out.memory` to skip
+                the vision tower; an `attention_mask`, if any, covers the cached and new tokens).
             output_hidden_states, output_attentions: the vision tower's and the decoder's hidden states / attentions.
         """
         _reject_unused_kwargs(self, kwargs)
+        past_key_values, use_cache, past_length = self._cache_arguments(cache, past_key_values, use_cache)
         input_ids, attention_mask, labels = _decoder_inputs(
             labels,
             input_ids,
@@ -1545,12 +1628,15 @@ class MPLUGForCaptioning(MPLUGDecoderHeadMixin, MPLUGPreTrainedModel, Generation
             self.config.pad_token_id,
             ("input_ids", "attention_mask"),
             vocab_size=self.config.vocab_size,
+            past_length=past_length,
         )
         hidden, attentions = _output_flags(self.config, output_hidden_states, output_attentions)
         memory, memory_mask, trunk = self._memory(pixel_values, image_embeds, hidden, attentions)
         if memory.shape[0] != input_ids.shape[0]:
             raise ValueError(f"Batch size mismatch: {memory.shape[0]} images but {input_ids.shape[0]} captions.")
-        decoded = self._decoder_output(input_ids, attention_mask, memory, memory_mask, hidden, attentions)
+        decoded = self._decoder_output(
+            input_ids, attention_mask, memory, memory_mask, hidden, attentions, past_key_values, use_cache
+        )
         logits = decoded.logits
         loss = loss_per_caption = None
         if labels is not None:
@@ -1720,24 +1806,17 @@ class MPLUGForRetrieval(MPLUGPreTrainedModel):
             raise ValueError("Pass `pixel_values` (or precomputed `image_embeds`).")
         return self.mplug.encode_image(pixel_values)[1]
 
-    def get_image_features(
+    def _image_features(
         self,
-        pixel_values: torch.Tensor | None = None,
-        image_embeds: torch.Tensor | None = None,
+        embeds: torch.Tensor,
         normalize: bool = True,
         frame_pooling: str = "first",
         num_frames: int | None = None,
     ) -> torch.Tensor:
-        """ITC image features `(B, projection_dim)`: `vision_proj` of the image `[CLS]`, L2-normalised unless
-        `normalize=False`. Videos `(B, T, C, H, W)` (or `image_embeds` of `num_frames` concatenated frames) use the
-        first frame's `[CLS]` with `frame_pooling="first"` (the original), or the mean of every frame's projected
-        `[CLS]` with `frame_pooling="mean"` (zero-shot video retrieval from an image checkpoint)."""
-        embeds = self._image_embeds(pixel_values, image_embeds)
+        """ITC image features `(B, projection_dim)` of image tokens `embeds` (see [`get_image_features`])."""
         if frame_pooling == "first":
             features = self.vision_proj(embeds[:, 0])
         elif frame_pooling == "mean":
-            if pixel_values is not None and pixel_values.dim() == 5:
-                num_frames = pixel_values.shape[1]
             if not isinstance(num_frames, int) or num_frames < 1 or embeds.shape[1] % num_frames:
                 raise ValueError(
                     f"`frame_pooling='mean'` needs video `pixel_values` (B, T, C, H, W) or `num_frames` dividing the "
@@ -1749,21 +1828,93 @@ class MPLUGForRetrieval(MPLUGPreTrainedModel):
             raise ValueError(f"`frame_pooling` must be 'first' or 'mean', got {frame_pooling!r}.")
         return nn.functional.normalize(features, dim=-1) if normalize else features
 
+    def _text_features(self, text_embeds: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """ITC text features `(B, projection_dim)` of text-encoder states (see [`get_text_features`])."""
+        features = self.text_proj(text_embeds[:, 0])
+        return nn.functional.normalize(features, dim=-1) if normalize else features
+
+    @can_return_tuple
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+        normalize: bool = True,
+        frame_pooling: str = "first",
+        num_frames: int | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> BaseModelOutputWithPooling | tuple:
+        """The image side of ITC, as CLIP's `get_image_features`: a `BaseModelOutputWithPooling` whose
+        `pooler_output` `(B, projection_dim)` is `vision_proj` of the image `[CLS]` (L2-normalised unless
+        `normalize=False`), `last_hidden_state` the image tokens V, and `hidden_states` / `attentions` the vision
+        tower's when asked. Videos `(B, T, C, H, W)` (or `image_embeds` of `num_frames` concatenated frames) use the
+        first frame's `[CLS]` with `frame_pooling="first"` (the original), or the mean of every frame's projected
+        `[CLS]` with `frame_pooling="mean"` (zero-shot video retrieval from an image checkpoint).
+
+        Changed in 0.2: it returned the feature tensor, now `.pooler_output` (transformers v5's convention)."""
+        _reject_unused_kwargs(self, kwargs)
+        hidden, attentions = _output_flags(self.config, output_hidden_states, output_attentions)
+        if (hidden or attentions) and pixel_values is None:
+            raise ValueError("`output_hidden_states`/`output_attentions` record the vision tower: pass `pixel_values`.")
+        encoded = None
+        if hidden or attentions:
+            if image_embeds is not None:
+                raise ValueError("Pass either `pixel_values` or `image_embeds`, not both.")
+            encoded = self.mplug.encode_separately(
+                pixel_values=pixel_values, output_hidden_states=hidden, output_attentions=attentions
+            )
+            embeds = encoded.image_embeds
+        else:
+            embeds = self._image_embeds(pixel_values, image_embeds)
+        if frame_pooling == "mean" and pixel_values is not None and pixel_values.dim() == 5:
+            num_frames = pixel_values.shape[1]
+        return BaseModelOutputWithPooling(
+            last_hidden_state=embeds,
+            pooler_output=self._image_features(embeds, normalize, frame_pooling, num_frames),
+            hidden_states=None if encoded is None else encoded.vision_hidden_states,
+            attentions=None if encoded is None else encoded.vision_attentions,
+        )
+
+    @can_return_tuple
     def get_text_features(
         self,
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         text_embeds: torch.Tensor | None = None,
         normalize: bool = True,
-    ) -> torch.Tensor:
-        """ITC text features `(B, projection_dim)`: `text_proj` of the text-encoder `[CLS]`, L2-normalised unless
-        `normalize=False`."""
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> BaseModelOutputWithPooling | tuple:
+        """The text side of ITC, as CLIP's `get_text_features`: `pooler_output` `(B, projection_dim)` is `text_proj`
+        of the text-encoder `[CLS]` (L2-normalised unless `normalize=False`), `last_hidden_state` the text states T,
+        `hidden_states` / `attentions` the text encoder's when asked.
+
+        Changed in 0.2: it returned the feature tensor, now `.pooler_output` (transformers v5's convention)."""
+        _reject_unused_kwargs(self, kwargs)
+        hidden, attentions = _output_flags(self.config, output_hidden_states, output_attentions)
+        encoded = None
         if text_embeds is None:
             if input_ids is None:
                 raise ValueError("Pass `input_ids` (or precomputed `text_embeds`).")
-            text_embeds = self.mplug.encode_text(input_ids, attention_mask)
-        features = self.text_proj(text_embeds[:, 0])
-        return nn.functional.normalize(features, dim=-1) if normalize else features
+            encoded = self.mplug.encode_separately(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                output_hidden_states=hidden,
+                output_attentions=attentions,
+            )
+            text_embeds = encoded.text_embeds
+        elif input_ids is not None:
+            raise ValueError("Pass either `input_ids` or `text_embeds`, not both.")
+        elif hidden or attentions:
+            raise ValueError("`output_hidden_states`/`output_attentions` record the text encoder: pass `input_ids`.")
+        return BaseModelOutputWithPooling(
+            last_hidden_state=text_embeds,
+            pooler_output=self._text_features(text_embeds, normalize),
+            hidden_states=None if encoded is None else encoded.text_hidden_states,
+            attentions=None if encoded is None else encoded.text_attentions,
+        )
 
     def _itm_logits(
         self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, attention_mask: torch.Tensor
@@ -1971,8 +2122,8 @@ class MPLUGForRetrieval(MPLUGPreTrainedModel):
         if input_ids.shape[0] < 2:
             raise ValueError("Retrieval training needs a batch of at least 2 pairs (hard negatives come from it).")
         text_embeds = self.mplug.encode_text(input_ids, attention_mask)
-        image_features = self.get_image_features(image_embeds=image_embeds)
-        text_features = self.get_text_features(text_embeds=text_embeds)
+        image_features = self._image_features(image_embeds)
+        text_features = self._text_features(text_embeds)
         loss_itc, sim_i2t, sim_t2i = self.itc_loss(
             image_features,
             text_features,
@@ -2041,8 +2192,8 @@ class MPLUGForRetrieval(MPLUGPreTrainedModel):
             pixel_values, input_ids, attention_mask, image_embeds, output_hidden_states, output_attentions
         )
         recorded = _recorded_fields(encoded)
-        image_features = self.get_image_features(image_embeds=encoded.image_embeds)
-        text_features = self.get_text_features(text_embeds=encoded.text_embeds)
+        image_features = self._image_features(encoded.image_embeds)
+        text_features = self._text_features(encoded.text_embeds)
         logits_per_image = image_features @ text_features.t() / self.temp
         return MPLUGRetrievalOutput(
             logits_per_image=logits_per_image,
@@ -2104,10 +2255,8 @@ class MPLUGForRetrieval(MPLUGPreTrainedModel):
             dim=0,
         )
         attention_mask = attention_mask.to(text_embeds.device)
-        image_features = self.get_image_features(
-            image_embeds=image_embeds, frame_pooling=frame_pooling, num_frames=num_frames
-        )
-        similarity = image_features @ self.get_text_features(text_embeds=text_embeds).t()
+        image_features = self._image_features(image_embeds, frame_pooling=frame_pooling, num_frames=num_frames)
+        similarity = image_features @ self._text_features(text_embeds).t()
         num_images, num_texts = similarity.shape
 
         def rerank(query_count: int, candidates: torch.Tensor, pair_images, pair_texts, itc):
@@ -2893,8 +3042,8 @@ class MPLUGForPreTraining(MPLUGForRetrieval):
         output = MPLUGPreTrainingOutput()
         if weights["itc"] > 0 or weights["itm"] > 0:
             text_embeds = self.mplug.encode_text(input_ids, attention_mask)
-            image_features = self.get_image_features(image_embeds=image_embeds)
-            text_features = self.get_text_features(text_embeds=text_embeds)
+            image_features = self._image_features(image_embeds)
+            text_features = self._text_features(text_embeds)
             with torch.no_grad():
                 self.temp.clamp_(0.001, 0.5)
                 image_features_m = self.momentum_encoder.image_features(pixel_values)

@@ -326,8 +326,8 @@ class MPLUGZeroShotImageClassificationPipeline(_MPLUGPipelineMixin, Pipeline):
             expanded = image_embeds.expand(len(labels), -1, -1)
             logits = self.model.match_pairs(image_embeds=expanded, input_ids=ids, attention_mask=mask)[:, 1]
         else:
-            image_features = self.model.get_image_features(image_embeds=image_embeds)
-            text_features = self.model.get_text_features(ids, mask)
+            image_features = self.model.get_image_features(image_embeds=image_embeds).pooler_output
+            text_features = self.model.get_text_features(ids, mask).pooler_output
             logits = (image_features @ text_features.t())[0] / self.model.temp
         return {"labels": labels, "scores": logits.float().softmax(-1).tolist()}
 
