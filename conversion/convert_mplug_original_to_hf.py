@@ -1,11 +1,16 @@
 #!/usr/bin/env python
-"""Convert an original AliceMind mPLUG checkpoint into a Hugging Face folder (config, safetensors weights, processor,
-generation config, model card), optionally verified against the original weights and pushed to the Hub.
+"""Convert an original AliceMind mPLUG checkpoint, or a ModelScope mPLUG model folder, into a Hugging Face folder
+(config, safetensors weights, processor, generation config, model card), optionally verified against the original
+weights and pushed to the Hub.
 
     python conversion/convert_mplug_original_to_hf.py \\
         --checkpoint_path mplug_base_vqa.pth --task vqa \\
         --config_path configs/vqa_mplug_base.yaml --bert_config_path configs/config_bert_stride3.json \\
         --vocab_path bert-base-uncased/vocab.txt --output_dir mplug-base-vqa --verify
+
+    # a ModelScope folder (damo/mplug_visual-question-answering_coco_large_en, ...): task, configs, vocabulary and
+    # weights are read from the folder
+    python conversion/convert_mplug_original_to_hf.py --checkpoint_path mplug_vqa_large/ --output_dir OUT --verify
 
 See conversion/README.md for every released file.
 """
@@ -34,10 +39,14 @@ from transformers_mplug import (
     MPLUGProcessor,
 )
 from transformers_mplug.original_checkpoint import (
+    MODELSCOPE_TASKS,
+    MODELSCOPE_TEXT_KWARGS,
     config_from_original,
     detect_original_tasks,
+    is_modelscope_folder,
     load_original_checkpoint,
     load_original_state_dict,
+    read_modelscope_folder,
 )
 
 TASKS = {
@@ -55,11 +64,17 @@ BF16_TOLERANCE = dict(atol=0.1, rtol=0.05)
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint_path", required=True, help="original .pth / DeepSpeed mp_rank_00_model_states.pt")
-    parser.add_argument("--task", required=True, choices=sorted(TASKS))
+    parser.add_argument(
+        "--checkpoint_path",
+        required=True,
+        help="original .pth / DeepSpeed mp_rank_00_model_states.pt, or a ModelScope model folder",
+    )
+    parser.add_argument(
+        "--task", choices=sorted(TASKS), help="required for AliceMind files; ModelScope folders name it"
+    )
     parser.add_argument("--config_path", help="the task yaml of the original repository (image_res, generation, ...)")
     parser.add_argument("--bert_config_path", help="the config_bert*.json the yaml names (default: read from shapes)")
-    parser.add_argument("--vocab_path", required=True, help="bert-base-uncased vocab.txt")
+    parser.add_argument("--vocab_path", help="bert-base-uncased vocab.txt (ModelScope folders hold theirs)")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--image_size", type=int, help="target resolution (positional embeddings are resized)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="dtype of saved weights")
@@ -128,14 +143,23 @@ def generation_config_for(model, task: str, task_config: dict[str, Any], process
     return config
 
 
-def build(args: argparse.Namespace, state_dict: dict[str, torch.Tensor], task_config: dict[str, Any]):
+def build(
+    args: argparse.Namespace,
+    state_dict: dict[str, torch.Tensor],
+    task_config: dict[str, Any],
+    bert_config: dict[str, Any] | None = None,
+    modelscope: bool = False,
+):
     """Our model (fp32) with the original weights loaded strictly, and the mapping report."""
-    bert_config = read_bert_config(args.bert_config_path)
+    if bert_config is None:
+        bert_config = read_bert_config(args.bert_config_path)
     image_size = args.image_size
     if image_size is None and "image_res" not in task_config and args.task != "pretrained":
         width = state_dict["visual_encoder.visual.conv1.weight"].shape[0]
         image_size = DEFAULT_TASK_RESOLUTION.get(int(width))
     config = config_from_original(bert_config, state_dict, image_size=image_size, task_config=task_config)
+    if modelscope:  # ModelScope's CLIP has no attention dropout (AliceMind's has 0.1); only training sees it
+        config.vision_config.attention_dropout = 0.0
     model_class = TASKS[args.task]
     model = model_class._from_config(config, attn_implementation="eager").eval()
     mapping = load_original_state_dict(model, state_dict, args.task)
@@ -413,7 +437,7 @@ instead; `return_dict_in_generate=True, output_scores=True` returns the original
 
 
 def model_card(
-    args, model, mapping, task_config: dict, parity: str | None, checksum: str, generation_config=None
+    args, model, mapping, task_config: dict, parity: str | None, checksum: str, generation_config=None, source=None
 ) -> str:
     config = model.config
     vision, text = config.vision_config, config.text_config
@@ -451,12 +475,7 @@ tags: [mplug, vision-language, {args.task}]
 
 # mPLUG — {task_names[args.task]} ({type(model).__name__})
 
-Converted from the original [alibaba/AliceMind mPLUG](https://github.com/alibaba/AliceMind/tree/main/mPLUG) checkpoint
-with `conversion/convert_mplug_original_to_hf.py` of transformers-mplug.
-
-- Source file: `{Path(args.checkpoint_path).name}` (sha256 `{checksum}`)
-- Task config: `{Path(args.config_path).name if args.config_path else "(released defaults)"}`; BERT config:
-  `{Path(args.bert_config_path).name if args.bert_config_path else "(read from the tensor shapes)"}`
+{source_section(args, checksum, source)}
 - Saved dtype: {args.dtype}
 
 ## Architecture
@@ -493,6 +512,52 @@ processor = MPLUGProcessor.from_pretrained("path/to/this/folder")
 The mPLUG code and weights are released by Alibaba DAMO Academy in alibaba/AliceMind under that repository's licence
 (Apache-2.0 at the time of writing); check it before redistributing these weights.
 """
+
+
+def source_section(args, checksum: str, source) -> str:
+    if source is not None:
+        return f"""Converted from a ModelScope mPLUG model folder (`{source.modelscope_task}`) with
+`conversion/convert_mplug_original_to_hf.py` of transformers-mplug. The processor reproduces ModelScope's
+`MPlugPreprocessor`: texts as `[CLS] text [SEP]`, padded to {MODELSCOPE_TEXT_KWARGS["max_length"]} with truncation
+(`default_text_kwargs` in `processor_config.json`).
+
+- Source folder: `{Path(source.path).name}`, weights `pytorch_model.bin` (sha256 `{checksum}`)
+- Configs: `config.yaml`, `{source.task_config.get("bert_config", "config_bert.json")}`, `vocab.txt` of that folder"""
+    return f"""Converted from the original [alibaba/AliceMind mPLUG](https://github.com/alibaba/AliceMind/tree/main/mPLUG) checkpoint
+with `conversion/convert_mplug_original_to_hf.py` of transformers-mplug.
+
+- Source file: `{Path(args.checkpoint_path).name}` (sha256 `{checksum}`)
+- Task config: `{Path(args.config_path).name if args.config_path else "(released defaults)"}`; BERT config:
+  `{Path(args.bert_config_path).name if args.bert_config_path else "(read from the tensor shapes)"}`"""
+
+
+def read_source(args: argparse.Namespace):
+    """`(state_dict, task_config, bert_config, vocab_path, modelscope folder or None)`; fills `args.task`."""
+    if is_modelscope_folder(args.checkpoint_path):
+        source = read_modelscope_folder(args.checkpoint_path)
+        for name in ("config_path", "bert_config_path", "vocab_path"):
+            if getattr(args, name):
+                raise ValueError(
+                    f"`--{name}` is read from the ModelScope folder {args.checkpoint_path}; do not pass it."
+                )
+        if args.task is not None and args.task != source.task:
+            raise ValueError(
+                f"`--task {args.task}` does not match the ModelScope folder: its configuration.json says "
+                f"{source.modelscope_task!r} (--task {source.task})."
+            )
+        args.task = source.task
+        return source.state_dict, source.task_config, source.bert_config, source.vocab_file, source
+    if os.path.isdir(args.checkpoint_path):
+        raise ValueError(
+            f"`--checkpoint_path` {args.checkpoint_path} is a directory without configuration.json: pass an AliceMind "
+            f"checkpoint file or a ModelScope model folder (tasks {sorted(MODELSCOPE_TASKS)})."
+        )
+    for name in ("task", "vocab_path"):
+        if getattr(args, name) is None:
+            raise ValueError(f"`--{name}` is required for an AliceMind checkpoint file.")
+    task_config = read_task_config(args.config_path)
+    state_dict = load_original_checkpoint(args.checkpoint_path)
+    return state_dict, task_config, read_bert_config(args.bert_config_path), args.vocab_path, None
 
 
 def write_folder(args, model, processor, generation_config, output_dir: Path) -> None:
@@ -541,15 +606,14 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --reference_dir needs --verify", file=sys.stderr)
         return 2
     try:
-        task_config = read_task_config(args.config_path)
-        state_dict = load_original_checkpoint(args.checkpoint_path)
+        state_dict, task_config, bert_config, vocab_path, source = read_source(args)
         tasks, found = detect_original_tasks(state_dict)
         if tasks and args.task not in tasks:
             raise ValueError(
                 f"`--task {args.task}` does not match the checkpoint: its keys hold {found}, so it converts with "
                 f"--task {' or --task '.join(sorted(tasks))}."
             )
-        model, mapping = build(args, state_dict, task_config)
+        model, mapping = build(args, state_dict, task_config, bert_config, modelscope=source is not None)
     except FileNotFoundError as error:  # a path argument that does not exist
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -561,9 +625,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Dropped {len(keys)} keys: {reason}")
     try:
         processor = MPLUGProcessor.from_vocab_file(
-            args.vocab_path,
+            vocab_path,
             image_size=model.config.vision_config.image_size,
             model_max_length=model.config.text_config.max_position_embeddings,
+            # ModelScope's preprocessor: `[CLS] text [SEP]`, padded to 25 with truncation
+            end_text_with_sep=source is not None,
+            default_text_kwargs=MODELSCOPE_TEXT_KWARGS if source is not None else None,
         )
     except (ValueError, TypeError, OSError) as error:
         print(f"error: `--vocab_path`: {error}", file=sys.stderr)
@@ -575,7 +642,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     output_dir = Path(args.output_dir)
-    checksum = sha256(args.checkpoint_path)
+    checksum = sha256(args.checkpoint_path if source is None else source.checkpoint_file)
     generation_config = generation_config_for(model, args.task, task_config, processor)
     write_folder(args, model, processor, generation_config, output_dir)
     parity, ok = None, True
@@ -583,7 +650,7 @@ def main(argv: list[str] | None = None) -> int:
         parity, ok = verify(args, output_dir, model, task_config, generation_config)
         print(parity)
     (output_dir / "README.md").write_text(
-        model_card(args, model, mapping, task_config, parity, checksum, generation_config), encoding="utf-8"
+        model_card(args, model, mapping, task_config, parity, checksum, generation_config, source), encoding="utf-8"
     )
     if not ok:
         print("error: the converted model does not reproduce the original outputs", file=sys.stderr)

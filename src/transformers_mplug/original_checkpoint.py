@@ -37,7 +37,7 @@ class OriginalKeyMapping:
         self.dropped.setdefault(reason, []).append(key)
 
 
-def load_original_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def load_original_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, torch.Tensor]:
     """Load an original checkpoint file safely (`torch.load(..., weights_only=True)`) and return its model state
     dict: `{'model': ...}` training files (optimizer/scheduler/config entries are ignored), DeepSpeed
     `mp_rank_00_model_states.pt` files (`{'module': ...}`) or bare state dicts."""
@@ -50,7 +50,7 @@ def load_original_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]
         raise FileNotFoundError(f"`checkpoint_path` {path} does not exist.")
     try:
         with torch.serialization.safe_globals([set]):  # DeepSpeed writes a set of names
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except (RuntimeError, EOFError, OSError) as error:
         raise ValueError(
             f"`checkpoint_path` {path} cannot be read as a torch checkpoint (truncated or not a .pth file): {error}"
@@ -70,10 +70,9 @@ def unwrap_original_checkpoint(checkpoint: Mapping[str, Any]) -> dict[str, torch
     if not isinstance(checkpoint, Mapping):
         raise TypeError(f"`checkpoint` must be a dict loaded with torch.load, got {type(checkpoint).__name__}.")
     state = checkpoint
-    for wrapper in ("model", "module", "state_dict"):
+    for wrapper in ("model", "module", "state_dict"):  # nested as ModelScope reads them: model, then module
         if wrapper in state and isinstance(state[wrapper], Mapping):
             state = state[wrapper]
-            break
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     if not tensors:
         raise ValueError("No tensors found in the checkpoint: expected a state dict, or one under 'model'/'module'.")
@@ -83,6 +82,119 @@ def unwrap_original_checkpoint(checkpoint: Mapping[str, Any]) -> dict[str, torch
             key = key[len("module.") :]
         out[key] = value
     return out
+
+
+# ------------------------------------------------------------------------------------------------ ModelScope folders
+# `configuration.json` task -> converter task
+MODELSCOPE_TASKS = {
+    "visual-question-answering": "vqa",
+    "image-captioning": "caption",
+    "image-text-retrieval": "retrieval",
+}
+# what ModelScope's `MPlugPreprocessor` does to texts: BERT's `[CLS] text [SEP]`, padded to 25 with truncation
+MODELSCOPE_TEXT_KWARGS = {"padding": "max_length", "truncation": True, "max_length": 25}
+
+
+@dataclass
+class ModelScopeFolder:
+    """A ModelScope mPLUG model folder, read: the task, the configs, the vocabulary and the weights (keys as
+    AliceMind names them, without ModelScope's `model.` prefix)."""
+
+    path: str
+    task: str
+    modelscope_task: str
+    task_config: dict[str, Any]
+    bert_config: dict[str, Any]
+    vocab_file: str
+    checkpoint_file: str
+    state_dict: dict[str, torch.Tensor]
+
+
+def is_modelscope_folder(path: str | os.PathLike) -> bool:
+    """Whether `path` is a ModelScope model folder (a directory with `configuration.json`)."""
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, "configuration.json"))
+
+
+def read_modelscope_folder(path: str | os.PathLike) -> ModelScopeFolder:
+    """Read a ModelScope mPLUG folder (`configuration.json`, `config.yaml`, the BERT json it names, `vocab.txt`,
+    `pytorch_model.bin`) as ModelScope's `MPlug.from_pretrained` does, but strictly: a missing file, a task other
+    than VQA / captioning / retrieval, a model type other than `mplug`, or a CLIP size in `config.yaml` that the
+    weights contradict raises `ValueError` naming it. The weights load with `torch.load(weights_only=True)`,
+    memory-mapped; `{'model': ...}` / `{'module': ...}` wrappers and the `model.` key prefix are removed."""
+    import json
+
+    import yaml
+
+    folder = os.fspath(path)
+    if not is_modelscope_folder(folder):
+        raise ValueError(f"{folder} is not a ModelScope model folder (it has no configuration.json).")
+
+    def required(name: str, why: str) -> str:
+        file = os.path.join(folder, name)
+        if not os.path.isfile(file):
+            raise ValueError(f"The ModelScope folder {folder} lacks `{name}` ({why}).")
+        return file
+
+    try:
+        with open(required("configuration.json", "task and model type"), encoding="utf-8") as handle:
+            configuration = json.load(handle)
+        with open(required("config.yaml", "the MPlugConfig"), encoding="utf-8") as handle:
+            task_config = yaml.safe_load(handle)
+    except (json.JSONDecodeError, yaml.YAMLError) as error:
+        raise ValueError(f"A configuration file of {folder} cannot be parsed: {error}") from None
+    if not isinstance(configuration, dict) or not isinstance(task_config, dict):
+        raise ValueError(f"`configuration.json` and `config.yaml` of {folder} must be mappings.")
+    modelscope_task = configuration.get("task")
+    if modelscope_task not in MODELSCOPE_TASKS:
+        raise ValueError(
+            f"`configuration.json` of {folder} has task {modelscope_task!r}; the mPLUG tasks are "
+            f"{sorted(MODELSCOPE_TASKS)}."
+        )
+    model_type = (configuration.get("model") or {}).get("type")
+    if model_type != "mplug":
+        raise ValueError(f"`configuration.json` of {folder} has model type {model_type!r}, not 'mplug'.")
+    bert_name = task_config.get("bert_config", "config_bert.json")
+    with open(required(os.path.basename(str(bert_name)), "the BERT config `config.yaml` names"), encoding="utf-8") as h:
+        bert_config = json.load(h)
+    for key in ("text_encoder_layers", "fusion_layers", "text_decode_layers"):
+        if key not in bert_config:
+            raise ValueError(
+                f"`{os.path.basename(str(bert_name))}` of {folder} lacks `{key}` (an mPLUG BERT config has it)."
+            )
+    vocab_file = required("vocab.txt", "the WordPiece vocabulary")
+    checkpoint_file = required("pytorch_model.bin", "the weights")
+    state = load_original_checkpoint(checkpoint_file, mmap=True)
+    state = {key[len("model.") :] if key.startswith("model.") else key: value for key, value in state.items()}
+    _check_modelscope_clip(folder, task_config, state)
+    return ModelScopeFolder(
+        path=folder,
+        task=MODELSCOPE_TASKS[modelscope_task],
+        modelscope_task=modelscope_task,
+        task_config=task_config,
+        bert_config=bert_config,
+        vocab_file=vocab_file,
+        checkpoint_file=checkpoint_file,
+        state_dict=state,
+    )
+
+
+def _check_modelscope_clip(folder: str, task_config: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> None:
+    """The `clip_*` sizes of `config.yaml` must be the weights' (ModelScope builds the tower from them)."""
+    if _VISUAL + "conv1.weight" not in state:
+        raise ValueError(
+            f"The weights of {folder} have no CLIP vision tower (`visual_encoder.visual.conv1.weight`): not an mPLUG "
+            "checkpoint."
+        )
+    vision = vision_config_from_state_dict(state)
+    for field_name, found in (
+        ("clip_vision_width", vision["hidden_size"]),
+        ("clip_vision_layers", vision["num_hidden_layers"]),
+        ("clip_vision_patch_size", vision["patch_size"]),
+    ):
+        if field_name in task_config and int(task_config[field_name]) != found:
+            raise ValueError(
+                f"`config.yaml` of {folder} says {field_name}={task_config[field_name]} but the weights have {found}."
+            )
 
 
 GROUNDING_BUFFERS = ("bbox_prob_mask", "prefix_ids", "target_ids")
@@ -530,6 +642,11 @@ def check_and_load(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor
 
 __all__ = [
     "OriginalKeyMapping",
+    "ModelScopeFolder",
+    "MODELSCOPE_TASKS",
+    "MODELSCOPE_TEXT_KWARGS",
+    "is_modelscope_folder",
+    "read_modelscope_folder",
     "load_original_checkpoint",
     "bert_config_from_state_dict",
     "resize_position_embedding",

@@ -80,6 +80,10 @@ class MPLUGProcessor(ProcessorMixin):
         ([[2, 5, 6, 7]], [[2, 7, 3]], (1, 3, 32, 32))
 
     With a real vocabulary: `MPLUGProcessor.from_vocab_file("vocab.txt", image_size=384)`.
+
+    `default_text_kwargs` (saved in `processor_config.json`) sets what `__call__` uses for `padding`, `truncation` and
+    `max_length` when they are not passed, e.g. ModelScope's `{"padding": "max_length", "truncation": True,
+    "max_length": 25}` in folders converted from ModelScope (whose tokenizer also ends texts with `[SEP]`).
     """
 
     attributes = ["image_processor", "tokenizer"]
@@ -90,6 +94,7 @@ class MPLUGProcessor(ProcessorMixin):
         tokenizer: BertTokenizer,
         coordinate_start_token: str = "[unused340]",
         num_coordinate_bins: int = 337,
+        default_text_kwargs: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         # (checked by base class, not identity: remote-code folders load the class from a copied module)
@@ -120,17 +125,50 @@ class MPLUGProcessor(ProcessorMixin):
             raise ValueError(f"`num_coordinate_bins` must be an int >= 2, got {num_coordinate_bins!r}.")
         self.coordinate_start_token = coordinate_start_token
         self.num_coordinate_bins = num_coordinate_bins
+        self.default_text_kwargs = self._checked_text_kwargs(default_text_kwargs)
         super().__init__(image_processor, tokenizer, **kwargs)
+
+    @staticmethod
+    def _checked_text_kwargs(value: dict[str, Any] | None) -> dict[str, Any]:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise TypeError(f"`default_text_kwargs` must be a dict, got {type(value).__name__}.")
+        unknown = sorted(set(value) - {"padding", "truncation", "max_length"})
+        if unknown:
+            raise ValueError(f"`default_text_kwargs` takes `padding`, `truncation` and `max_length`, got {unknown}.")
+        if value.get("padding", "longest") not in (True, False, "longest", "max_length", "do_not_pad"):
+            raise ValueError(f"`default_text_kwargs['padding']` is not a padding strategy: {value['padding']!r}.")
+        if value.get("truncation") not in (None, True, False):
+            raise ValueError(f"`default_text_kwargs['truncation']` must be a bool, got {value['truncation']!r}.")
+        length = value.get("max_length")
+        if length is not None and (not isinstance(length, int) or isinstance(length, bool) or length < 1):
+            raise ValueError(f"`default_text_kwargs['max_length']` must be an int >= 1, got {length!r}.")
+        if value.get("padding") == "max_length" and length is None:
+            raise ValueError("`default_text_kwargs` with `padding='max_length'` needs `max_length`.")
+        return dict(value)
 
     @classmethod
     def from_vocab_file(
-        cls, vocab_file: str | os.PathLike, image_size: int = 384, model_max_length: int = 512, **image_kwargs: Any
+        cls,
+        vocab_file: str | os.PathLike,
+        image_size: int = 384,
+        model_max_length: int = 512,
+        end_text_with_sep: bool = False,
+        default_text_kwargs: dict[str, Any] | None = None,
+        **image_kwargs: Any,
     ) -> MPLUGProcessor:
         """Build a processor from a WordPiece `vocab.txt` (lower-casing, as bert-base-uncased) and a resolution;
-        `model_max_length` is the text encoder's positions (texts longer than it are truncated by default)."""
-        tokenizer = MPLUGTokenizer(vocab=load_vocab(vocab_file), do_lower_case=True, model_max_length=model_max_length)
+        `model_max_length` is the text encoder's positions (texts longer than it are truncated by default).
+        `end_text_with_sep` and `default_text_kwargs` give ModelScope's text contract (see the class)."""
+        tokenizer = MPLUGTokenizer(
+            vocab=load_vocab(vocab_file),
+            do_lower_case=True,
+            model_max_length=model_max_length,
+            end_text_with_sep=end_text_with_sep,
+        )
         image_processor = MPLUGImageProcessor(size={"height": image_size, "width": image_size}, **image_kwargs)
-        return cls(image_processor=image_processor, tokenizer=tokenizer)
+        return cls(image_processor=image_processor, tokenizer=tokenizer, default_text_kwargs=default_text_kwargs)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any):
@@ -192,9 +230,15 @@ class MPLUGProcessor(ProcessorMixin):
         else:
             cut = None
         # the tokenizer's post-processor adds the special tokens (MPLUGTokenizer: `[CLS] text`, targets + `[SEP]`)
-        ids = (self.tokenizer(text_target=texts) if add_eos else self.tokenizer(texts))["input_ids"]
-        if cut is not None:
-            ids = [seq[:cut] for seq in ids]
+        if getattr(self.tokenizer, "end_text_with_sep", False):
+            # ModelScope's contract: BERT's own truncation, which keeps the closing `[SEP]`
+            cut_args = {"truncation": True, "max_length": cut} if cut is not None else {}
+            ids = self.tokenizer(text_target=texts, **cut_args) if add_eos else self.tokenizer(texts, **cut_args)
+            ids = ids["input_ids"]
+        else:
+            ids = (self.tokenizer(text_target=texts) if add_eos else self.tokenizer(texts))["input_ids"]
+            if cut is not None:
+                ids = [seq[:cut] for seq in ids]
         return self._pad(ids, padding, max_length, return_tensors)
 
     def encode_labels(
@@ -233,7 +277,7 @@ class MPLUGProcessor(ProcessorMixin):
         videos: Any = None,
         text_pair: str | Sequence[str] | None = None,
         text_target: str | Sequence[str] | None = None,
-        padding: bool | str = "longest",
+        padding: bool | str | None = None,
         truncation: bool | None = None,
         max_length: int | None = None,
         return_tensors: str | None = "pt",
@@ -249,7 +293,16 @@ class MPLUGProcessor(ProcessorMixin):
             text_pair: second segment(s) -> `[CLS] text [SEP] text_pair [SEP]` with `token_type_ids`.
             text_target: answers / target captions -> `labels` (`[CLS] text [SEP]`, padding = -100) and
                 `decoder_attention_mask`.
+            padding, truncation, max_length: as for a tokenizer; when not given, the processor's
+                `default_text_kwargs` (else `"longest"`, truncation at `model_max_length` only).
         """
+        defaults = getattr(self, "default_text_kwargs", None) or {}
+        if padding is None:
+            padding = defaults.get("padding", "longest")
+        if truncation is None:
+            truncation = defaults.get("truncation")
+        if max_length is None:
+            max_length = defaults.get("max_length")
         if kwargs:
             raise TypeError(f"MPLUGProcessor got unexpected argument(s) {sorted(kwargs)}.")
         if images is None and videos is None and text is None and text_target is None:

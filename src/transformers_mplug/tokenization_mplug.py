@@ -23,6 +23,9 @@ class MPLUGTokenizer(BertTokenizer):
 
     `token_type_ids` are not returned (mPLUG's encoders do not read them). Everything else is [`BertTokenizer`].
 
+    `end_text_with_sep=True` encodes texts as `[CLS] text [SEP]` too: the contract of ModelScope's mPLUG models
+    (`MPlugPreprocessor`), which the converter sets for ModelScope folders; it is saved with the tokenizer.
+
     Example:
         >>> from transformers_mplug import MPLUGTokenizer
         >>> vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "what", "is", "red"]
@@ -35,8 +38,11 @@ class MPLUGTokenizer(BertTokenizer):
 
     model_input_names = ["input_ids", "attention_mask"]
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args: Any, end_text_with_sep: bool = False, **kwargs: Any) -> None:
+        if not isinstance(end_text_with_sep, bool):
+            raise TypeError(f"`end_text_with_sep` must be True or False, got {end_text_with_sep!r}.")
+        self.end_text_with_sep = end_text_with_sep
+        super().__init__(*args, end_text_with_sep=end_text_with_sep, **kwargs)
         self._should_update_post_processor = False  # keep the contract below (not a bos/eos template)
         self._switch_to_input_mode()
 
@@ -49,8 +55,10 @@ class MPLUGTokenizer(BertTokenizer):
         )
 
     def _switch_to_input_mode(self) -> None:
-        """Texts: `[CLS] text` (the original mPLUG tokenizer's single-sequence format)."""
-        self._tokenizer.post_processor = self._template("{cls}:0 $A:0")
+        """Texts: `[CLS] text` (the original mPLUG tokenizer's single-sequence format), or `[CLS] text [SEP]` with
+        `end_text_with_sep` (ModelScope's)."""
+        sep = " {sep}:0" if getattr(self, "end_text_with_sep", False) else ""
+        self._tokenizer.post_processor = self._template("{cls}:0 $A:0" + sep)
 
     def _switch_to_target_mode(self) -> None:
         """Targets: `[CLS] text [SEP]` (the decoder learns to end with `[SEP]`)."""
