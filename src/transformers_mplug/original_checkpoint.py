@@ -344,7 +344,7 @@ def config_from_original(
         extra["projection_dim"] = int(state_dict["vision_proj.weight"].shape[0])
     elif task_config.get("embed_dim"):
         extra["projection_dim"] = int(task_config["embed_dim"])
-    if "temp" in state_dict:
+    if "temp" in state_dict and not state_dict["temp"].is_meta:  # (a key listing on meta tensors has no value)
         extra["itc_temperature"] = float(state_dict["temp"])
     elif task_config.get("temp"):
         extra["itc_temperature"] = float(task_config["temp"])
