@@ -1754,7 +1754,7 @@ class MPLUGForRetrieval(MPLUGPreTrainedModel):
     mPLUG for image-text retrieval: ITC features (`vision_proj` on the image `[CLS]`, `text_proj` on the
     text-encoder `[CLS]`, L2-normalised, learnable temperature) and an ITM head on the fused text `[CLS]`.
 
-    - `get_image_features` / `get_text_features`: ITC features (normalised by default).
+    - `get_image_features` / `get_text_features`: ITC features (normalised by default) in `.pooler_output`, as CLIP.
     - `match_pairs`: ITM logits of given image-text pairs (`[:, 1]` = "match").
     - `forward(...)`: training losses (ITC with optional queue / momentum features; ITM with hard negatives drawn
       from the softmaxed similarities).
@@ -1772,7 +1772,7 @@ class MPLUGForRetrieval(MPLUGPreTrainedModel):
         ... )
         >>> model = MPLUGForRetrieval(config).eval()
         >>> images, texts = torch.randn(3, 3, 32, 32), torch.randint(3, 100, (4, 5))
-        >>> model.get_image_features(pixel_values=images).shape
+        >>> model.get_image_features(pixel_values=images).pooler_output.shape
         torch.Size([3, 16])
         >>> result = model.retrieve(pixel_values=images, input_ids=texts, k=2)
         >>> result.image_to_text_indices.shape, result.text_to_image_indices.shape
