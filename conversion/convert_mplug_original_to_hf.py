@@ -161,8 +161,11 @@ def build(
     if modelscope:  # ModelScope's CLIP has no attention dropout (AliceMind's has 0.1); only training sees it
         config.vision_config.attention_dropout = 0.0
     model_class = TASKS[args.task]
-    model = model_class._from_config(config, attn_implementation="eager").eval()
-    mapping = load_original_state_dict(model, state_dict, args.task)
+    # built on the meta device, the model takes the (memory-mapped) checkpoint tensors it needs without a copy:
+    # the weights it drops (momentum copies, ...) are never read
+    with torch.device("meta"):
+        model = model_class._from_config(config, attn_implementation="eager").eval()
+    mapping = load_original_state_dict(model, state_dict, args.task, assign=True)
     return model, mapping
 
 
@@ -556,7 +559,7 @@ def read_source(args: argparse.Namespace):
         if getattr(args, name) is None:
             raise ValueError(f"`--{name}` is required for an AliceMind checkpoint file.")
     task_config = read_task_config(args.config_path)
-    state_dict = load_original_checkpoint(args.checkpoint_path)
+    state_dict = load_original_checkpoint(args.checkpoint_path, mmap=True)
     return state_dict, task_config, read_bert_config(args.bert_config_path), args.vocab_path, None
 
 

@@ -492,3 +492,34 @@ def test_unreadable_inputs_end_with_one_line_and_the_documented_exit_code(tmp_pa
         lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
         assert len(lines) == 1 and message in lines[0], (args, result.stderr[-2000:])
         assert "Traceback" not in result.stderr
+
+
+def test_the_converter_never_reads_the_weights_it_drops(tmp_path):
+    """The model takes the checkpoint's tensors without a copy, and the dropped ones (here replaced by meta tensors,
+    whose data cannot be read) are never touched: what keeps the converter's memory below the file's size."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import convert_mplug_original_to_hf as converter
+
+    root = require_reference()
+    state = torch.load(root / "vqa_base" / "checkpoint.pth", weights_only=True)["model"]
+    dropped_prefixes = ("visual_encoder_m.", "text_encoder_m.", "fusion_encoder_m.", "text_decoder_m.")
+    dropped_text_tower = ("visual_encoder.transformer.", "visual_encoder.token_embedding.")
+    for key in list(state):
+        if key.startswith(dropped_prefixes + dropped_text_tower):
+            state[key] = torch.empty_like(state[key], device="meta")
+    args = converter.parse_args(
+        ["--task", "vqa", "--checkpoint_path", "unused.pth", "--vocab_path", "unused.txt", "--output_dir", "unused"]
+    )
+    args.bert_config_path = str(root / BERT["base"])
+    task_config = converter.read_task_config(str(root / "vqa_base" / "config.yaml"))
+    model, mapping = converter.build(args, state, task_config)
+    assert len(mapping.dropped["training-only state (momentum copies, queues)"]) > 0
+    assert not any(p.is_meta for p in model.parameters()) and not any(b.is_meta for b in model.buffers())
+    # the weights are the checkpoint's own tensors (no copy) ...
+    key = "text_encoder.encoder.layer.0.attention.self.query.weight"
+    assert model.mplug.text_model.encoder.layer[0].attention.self.query.weight.data_ptr() == state[key].data_ptr()
+    # ... tied as transformers ties them, and the folder reproduces the original outputs
+    decoder = model.text_decoder
+    assert decoder.cls.predictions.decoder.weight is decoder.bert.embeddings.word_embeddings.weight
+    model.save_pretrained(tmp_path / "out")
+    check_vqa(MPLUGForQuestionAnswering.from_pretrained(tmp_path / "out").eval(), root / "vqa_base")

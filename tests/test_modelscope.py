@@ -260,4 +260,3 @@ def test_pipelines_on_a_converted_folder_answer_as_modelscope(converted, variant
     else:
         captioner = pipeline("image-captioning", model=str(converted(variant)))
         assert captioner(image)[0]["generated_text"] == expected
-

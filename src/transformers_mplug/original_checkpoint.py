@@ -40,7 +40,10 @@ class OriginalKeyMapping:
 def load_original_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, torch.Tensor]:
     """Load an original checkpoint file safely (`torch.load(..., weights_only=True)`) and return its model state
     dict: `{'model': ...}` training files (optimizer/scheduler/config entries are ignored), DeepSpeed
-    `mp_rank_00_model_states.pt` files (`{'module': ...}`) or bare state dicts."""
+    `mp_rank_00_model_states.pt` files (`{'module': ...}`) or bare state dicts.
+
+    `mmap=True` maps the file instead of reading it (tensors are read when used; files in torch's legacy,
+    non-zip format are read whole)."""
     if os.path.isdir(path):
         raise ValueError(
             f"`checkpoint_path` {path} is a directory; pass the checkpoint file itself (an AliceMind .pth or a "
@@ -50,7 +53,12 @@ def load_original_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dic
         raise FileNotFoundError(f"`checkpoint_path` {path} does not exist.")
     try:
         with torch.serialization.safe_globals([set]):  # DeepSpeed writes a set of names
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            try:
+                checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            except RuntimeError as error:
+                if not (mmap and "mmap" in str(error)):
+                    raise
+                checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # a legacy-format file
     except (RuntimeError, EOFError, OSError) as error:
         raise ValueError(
             f"`checkpoint_path` {path} cannot be read as a torch checkpoint (truncated or not a .pth file): {error}"
@@ -597,15 +605,18 @@ def _add_fresh_training_state(mapping: OriginalKeyMapping, config: MPLUGConfig) 
 
 
 def load_original_state_dict(
-    model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], task: str
+    model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], task: str, assign: bool = False
 ) -> OriginalKeyMapping:
-    """Map an original state dict for `task` (see [`map_original_state_dict`]) and load it strictly into `model`."""
+    """Map an original state dict for `task` (see [`map_original_state_dict`]) and load it strictly into `model`.
+
+    With `assign=True` the model (typically built on the meta device) takes the checkpoint's tensors themselves
+    (no copy: with a memory-mapped checkpoint only the weights it keeps are ever read); see [`check_and_load`]."""
     mapping = map_original_state_dict(state_dict, model.config, task)
     if mapping.unmapped:
         raise ValueError(
             f"{len(mapping.unmapped)} original key(s) cannot be placed in {type(model).__name__}: {mapping.unmapped}"
         )
-    check_and_load(model, mapping.state_dict)
+    check_and_load(model, mapping.state_dict, assign=assign)
     return mapping
 
 
@@ -622,8 +633,11 @@ def load_original_trunk(model: torch.nn.Module, state_dict: Mapping[str, torch.T
     return mapping
 
 
-def check_and_load(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
-    """Strict load with shape checks and errors that name every missing/unexpected/mis-shaped key."""
+def check_and_load(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], assign: bool = False) -> None:
+    """Strict load with shape checks and errors that name every missing/unexpected/mis-shaped key.
+
+    `assign=True` makes the given tensors the model's parameters (cast where the dtype differs) instead of copying
+    them; the buffers the checkpoint does not hold (position ids) are then built, and the tied weights tied again."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
@@ -637,7 +651,27 @@ def check_and_load(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor
     if bad:
         raise ValueError(f"Shape mismatch for {len(bad)} key(s): {bad}")
     cast = {k: v.to(expected[k].dtype) if expected[k].is_floating_point() else v for k, v in state_dict.items()}
-    model.load_state_dict(cast, strict=True)
+    model.load_state_dict(cast, strict=True, assign=assign)
+    if assign:
+        _build_meta_buffers(model)
+        if hasattr(model, "tie_weights"):
+            model.tie_weights()
+
+
+def _build_meta_buffers(model: torch.nn.Module) -> None:
+    """The non-persistent buffers of a model built on the meta device: BERT's and CLIP's position ids (an
+    arange) and BERT's token type ids (zeros). Any other buffer left on meta is an error."""
+    for name, module in model.named_modules():
+        for buffer_name, buffer in list(module._buffers.items()):
+            if buffer is None or not buffer.is_meta:
+                continue
+            if buffer_name == "position_ids":
+                value = torch.arange(buffer.shape[-1], dtype=buffer.dtype).expand(buffer.shape).clone()
+            elif buffer_name == "token_type_ids":
+                value = torch.zeros(buffer.shape, dtype=buffer.dtype)
+            else:
+                raise ValueError(f"The buffer {name}.{buffer_name} is not in the checkpoint and cannot be rebuilt.")
+            module._buffers[buffer_name] = value
 
 
 __all__ = [
