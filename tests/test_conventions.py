@@ -499,3 +499,27 @@ def test_a_step_by_step_loop_with_use_cache_drives_the_decoder_heads(head):
             cache=out.cache,
             **{("decoder_attention_mask" if head == "qa" else "attention_mask"): torch.ones(2, 1)},
         )
+
+
+def test_the_decoder_config_is_the_configs_own_sub_config(tmp_path):
+    from transformers_mplug import MPLUGConfig, MPLUGForCaptioning, MPLUGForGrounding, MPLUGForQuestionAnswering
+
+    for cls in (MPLUGForQuestionAnswering, MPLUGForCaptioning, MPLUGForGrounding):
+        grounding = dict(grounding_prefix_token_id=20, coordinate_token_start_id=21, num_coordinate_bins=33)
+        model = cls(tiny_config(num_decoder_layers=2, **(grounding if cls is MPLUGForGrounding else {})))
+        assert model.text_decoder.config is model.config.text_decoder_config is model.config.decoder_config()
+        assert model.config.text_decoder_config.num_hidden_layers == model.config.num_decoder_layers == 2
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["num_decoder_layers"] == saved["text_decoder_config"]["num_hidden_layers"] == 2
+    loaded = MPLUGForGrounding.from_pretrained(tmp_path)
+    assert loaded.text_decoder.config is loaded.config.text_decoder_config
+    config = tiny_config()
+    config.num_decoder_layers = 3  # follows into the decoder's sub-config
+    assert config.text_decoder_config.num_hidden_layers == 3
+    config.vocab_size = 130
+    assert config.text_decoder_config.vocab_size == 130
+    with pytest.raises(ValueError, match="disagrees with `num_decoder_layers`"):
+        MPLUGConfig(num_decoder_layers=2, text_decoder_config={"num_hidden_layers": 3})
+    with pytest.raises(ValueError, match="`text_decoder_config.hidden_size`"):
+        MPLUGConfig(text_decoder_config={"hidden_size": 64, "num_hidden_layers": 12})

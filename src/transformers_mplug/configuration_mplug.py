@@ -142,7 +142,11 @@ class MPLUGConfig(PretrainedConfig):
         connected_attention_stride (`int`, *optional*, defaults to 3):
             The original's `stride_layer` (S): layer `j` is connected attention iff `j != 0 and j % S == 0`.
         num_decoder_layers (`int`, *optional*, defaults to 12):
-            Depth of the answer/caption decoder used by the task heads.
+            Depth of the answer/caption decoder used by the task heads (`text_decoder_config.num_hidden_layers`).
+        text_decoder_config (`dict` or `BertConfig`, *optional*):
+            The decoder's sub-config (the config object of the heads' `text_decoder`): built from `text_config`,
+            `num_decoder_layers` deep, with cross-attention. A given one (a saved `config.json`) must agree with
+            them.
         image_size (`int`, *optional*):
             Shortcut that overrides `vision_config.image_size`.
         vision_projection_dropout (`float`, *optional*, defaults to 0.1):
@@ -184,7 +188,19 @@ class MPLUGConfig(PretrainedConfig):
     """
 
     model_type = "mplug"
-    sub_configs = {"vision_config": CLIPVisionConfig, "text_config": BertConfig}
+    sub_configs = {"vision_config": CLIPVisionConfig, "text_config": BertConfig, "text_decoder_config": BertConfig}
+    # the decoder shares these sizes with the text encoder (the tied word embeddings, the memory's width)
+    _DECODER_SHARED_FIELDS = (
+        "vocab_size",
+        "hidden_size",
+        "num_attention_heads",
+        "intermediate_size",
+        "max_position_embeddings",
+        "type_vocab_size",
+        "hidden_act",
+        "layer_norm_eps",
+        "pad_token_id",
+    )
 
     def __init__(
         self,
@@ -194,6 +210,7 @@ class MPLUGConfig(PretrainedConfig):
         num_cross_modal_layers: int | None = None,
         connected_attention_stride: int | None = None,
         num_decoder_layers: int = 12,
+        text_decoder_config: dict | BertConfig | None = None,
         image_size: int | None = None,
         vision_projection_dropout: float = 0.1,
         initializer_range: float = 0.02,
@@ -266,7 +283,7 @@ class MPLUGConfig(PretrainedConfig):
 
         if not isinstance(num_decoder_layers, int) or isinstance(num_decoder_layers, bool) or num_decoder_layers < 1:
             raise ValueError(f"`num_decoder_layers` must be a positive int, got {num_decoder_layers!r}.")
-        self.num_decoder_layers = num_decoder_layers
+        self.text_decoder_config = self._build_decoder_config(text_decoder_config, num_decoder_layers)
         if not 0.0 <= float(vision_projection_dropout) < 1.0:
             raise ValueError(f"`vision_projection_dropout` must be in [0, 1), got {vision_projection_dropout!r}.")
         self.vision_projection_dropout = float(vision_projection_dropout)
@@ -419,6 +436,7 @@ class MPLUGConfig(PretrainedConfig):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"`vocab_size` must be an int >= 1, got {value!r}.")
         self.text_config.vocab_size = value
+        self.text_decoder_config.vocab_size = value
 
     @property
     def has_vision_projection(self) -> bool:
@@ -430,14 +448,55 @@ class MPLUGConfig(PretrainedConfig):
         """Tokens per image (patches + class token)."""
         return (self.vision_config.image_size // self.vision_config.patch_size) ** 2 + 1
 
-    def decoder_config(self) -> BertConfig:
-        """The BERT config of the task decoder: the text sizes, `num_decoder_layers` deep, with cross-attention."""
-        config = copy.deepcopy(self.text_config)
-        config.num_hidden_layers = self.num_decoder_layers
-        config.is_decoder = True
-        config.add_cross_attention = True
-        config.tie_word_embeddings = True
+    def _build_decoder_config(self, value: dict | BertConfig | None, num_layers: int) -> BertConfig:
+        derived = copy.deepcopy(self.text_config)
+        derived.num_hidden_layers = num_layers
+        derived.is_decoder = True
+        derived.add_cross_attention = True
+        derived.tie_word_embeddings = True
+        if value is None:
+            return derived
+        if isinstance(value, dict):
+            config = self._build_sub_config("text_decoder_config", value, BertConfig, derived.to_dict())
+        elif isinstance(value, BertConfig):
+            config = copy.deepcopy(value)
+        else:
+            raise TypeError(f"`text_decoder_config` must be a dict or a BertConfig, got {type(value).__name__}.")
+        for name in self._DECODER_SHARED_FIELDS:
+            if getattr(config, name) != getattr(self.text_config, name):
+                raise ValueError(
+                    f"`text_decoder_config.{name}`={getattr(config, name)!r} disagrees with "
+                    f"`text_config.{name}`={getattr(self.text_config, name)!r}: the decoder shares the text sizes."
+                )
+        if config.num_hidden_layers != num_layers:
+            raise ValueError(
+                f"`text_decoder_config.num_hidden_layers`={config.num_hidden_layers} disagrees with "
+                f"`num_decoder_layers`={num_layers}; pass only one of them."
+            )
+        if not (config.is_decoder and config.add_cross_attention):
+            raise ValueError("`text_decoder_config` must have `is_decoder=True` and `add_cross_attention=True`.")
         return config
+
+    @property
+    def num_decoder_layers(self) -> int:
+        """Depth of the task decoder (`text_decoder_config.num_hidden_layers`)."""
+        return self.text_decoder_config.num_hidden_layers
+
+    @num_decoder_layers.setter
+    def num_decoder_layers(self, value: int) -> None:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"`num_decoder_layers` must be a positive int, got {value!r}.")
+        self.text_decoder_config.num_hidden_layers = value
+
+    def to_dict(self) -> dict[str, Any]:
+        output = super().to_dict()
+        output["num_decoder_layers"] = self.num_decoder_layers
+        return output
+
+    def decoder_config(self) -> BertConfig:
+        """The BERT config of the task decoder, `text_decoder_config` (the heads' `text_decoder.config` is this
+        object): the text sizes, `num_decoder_layers` deep, with cross-attention."""
+        return self.text_decoder_config
 
 
 __all__ = ["MPLUGConfig", "cross_modal_schedule", "CO_ATTENTION", "CONNECTED_ATTENTION"]

@@ -1281,7 +1281,7 @@ class MPLUGForQuestionAnswering(MPLUGDecoderHeadMixin, MPLUGPreTrainedModel, Gen
     def __init__(self, config: MPLUGConfig) -> None:
         super().__init__(config)
         self.mplug = MPLUGModel(config)
-        self.text_decoder = _share_memory_across_sequences(BertLMHeadModel(config.decoder_config()))
+        self.text_decoder = _share_memory_across_sequences(BertLMHeadModel(config.text_decoder_config))
         self.post_init()
         self.generation_config = self.default_generation_config(config)
 
@@ -1567,7 +1567,7 @@ class MPLUGForCaptioning(MPLUGDecoderHeadMixin, MPLUGPreTrainedModel, Generation
     def __init__(self, config: MPLUGConfig) -> None:
         super().__init__(config)
         self.mplug = MPLUGModel(config, vision_only=True)
-        self.text_decoder = _share_memory_across_sequences(BertLMHeadModel(config.decoder_config()))
+        self.text_decoder = _share_memory_across_sequences(BertLMHeadModel(config.text_decoder_config))
         self.post_init()
         self.generation_config = self.default_generation_config(config)
 
@@ -2394,7 +2394,7 @@ class MPLUGForGrounding(MPLUGDecoderHeadMixin, MPLUGPreTrainedModel):
         if start <= prefix < start + bins:
             raise ValueError("`grounding_prefix_token_id` must not be a coordinate token.")
         self.mplug = MPLUGModel(config)
-        self.text_decoder = _share_memory_across_sequences(BertLMHeadModel(config.decoder_config()))
+        self.text_decoder = _share_memory_across_sequences(BertLMHeadModel(config.text_decoder_config))
         self.post_init()
 
     def _coordinate_mask(self, logits: torch.Tensor) -> torch.Tensor:
@@ -2892,7 +2892,7 @@ class MPLUGForPreTraining(MPLUGForRetrieval):
         MPLUGPreTrainedModel.__init__(self, config)
         self._build_retrieval_modules(config)
         self.mlm_head = BertOnlyMLMHead(config.text_config)
-        self.text_decoder = _share_memory_across_sequences(BertLMHeadModel(config.decoder_config()))
+        self.text_decoder = _share_memory_across_sequences(BertLMHeadModel(config.text_decoder_config))
         self.momentum_encoder = MPLUGMomentumEncoder(config)
         queue = max(config.queue_size, 1)
         self.register_buffer("image_queue", torch.zeros(config.projection_dim, queue))
