@@ -523,3 +523,33 @@ def test_the_decoder_config_is_the_configs_own_sub_config(tmp_path):
         MPLUGConfig(num_decoder_layers=2, text_decoder_config={"num_hidden_layers": 3})
     with pytest.raises(ValueError, match="`text_decoder_config.hidden_size`"):
         MPLUGConfig(text_decoder_config={"hidden_size": 64, "num_hidden_layers": 12})
+
+
+def test_the_processor_takes_transformers_processing_kwargs(processor):
+    from PIL import Image
+
+    from transformers_mplug.processing_mplug import MPLUGProcessorKwargs
+
+    assert MPLUGProcessorKwargs._defaults["text_kwargs"]["padding"] == "longest"
+    image = Image.new("RGB", (40, 30))
+    texts = ["what is the color of the cat", "red"]
+    flat = processor(images=[image, image], text=texts, padding="max_length", max_length=12)
+    nested = processor(
+        images=[image, image], text=texts, text_kwargs={"padding": "max_length", "max_length": 12}, images_kwargs={}
+    )
+    assert flat["input_ids"].shape == (2, 12) and torch.equal(flat["input_ids"], nested["input_ids"])
+    torch.testing.assert_close(flat["pixel_values"], nested["pixel_values"])
+    targets = processor(text_kwargs={"text_target": ["red", "two cats"]})
+    assert torch.equal(targets["labels"], processor(text_target=["red", "two cats"])["labels"])
+    as_lists = processor(text="red", common_kwargs={"return_tensors": None})
+    assert isinstance(as_lists["input_ids"], list)
+    with pytest.raises(TypeError, match="does not implement the text argument"):
+        processor(text="red", stride=2)
+    with pytest.raises(TypeError, match="does not implement the text argument"):
+        processor(text="red", text_kwargs={"pad_to_multiple_of": 8})
+    with pytest.raises(TypeError, match="unexpected argument"):
+        processor(images=image, do_resize=False)  # the image processor has no such option
+    with pytest.raises(TypeError, match="unexpected argument"):
+        processor(text="red", colour="blue")
+    with pytest.raises(ValueError, match="passed twice"):
+        processor(text="red", padding="longest", text_kwargs={"padding": "max_length"})

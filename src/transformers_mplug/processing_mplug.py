@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from transformers import BatchFeature, BertTokenizer, ProcessorMixin
 from transformers.image_processing_base import ImageProcessingMixin
+from transformers.processing_utils import ImagesKwargs, ProcessingKwargs, TextKwargs, Unpack, VideosKwargs
 from transformers.utils import logging
 
 from .image_processing_mplug import MPLUGImageProcessor, boxes_to_coordinate_tokens, coordinate_tokens_to_boxes
@@ -57,6 +58,37 @@ def _as_mplug_tokenizer(tokenizer: BertTokenizer) -> MPLUGTokenizer:
             "(`MPLUGTokenizer(vocab=...)`) or build the processor with `MPLUGProcessor.from_vocab_file`."
         )
     return converted
+
+
+class MPLUGProcessorKwargs(ProcessingKwargs, total=False):
+    """transformers' processing kwargs of [`MPLUGProcessor`]: `text_kwargs` (`padding`, `truncation`, `max_length`,
+    `text_pair`, `text_target`), `images_kwargs` / `videos_kwargs` (`return_tensors`), `common_kwargs`."""
+
+    # (`return_tensors` defaults to "pt" in the processor: transformers 5.2 writes user `common_kwargs` into the
+    # class's `_defaults["common_kwargs"]`, so the processor folds common kwargs in itself)
+    _defaults = {"text_kwargs": {"padding": "longest"}}
+
+
+# the text kwargs MPLUGProcessor implements, and the values the others may have (they are not implemented)
+_TEXT_KWARGS = {"padding", "truncation", "max_length", "return_tensors", "text_pair", "text_target"}
+_TEXT_KWARGS_AT_DEFAULT = {
+    "add_special_tokens": (True,),
+    "return_attention_mask": (True, None),
+    "return_token_type_ids": (False, None),
+    "padding_side": ("right", None),
+    "verbose": (True, False, None),
+}
+_MODALITY_KEYS = {
+    "text_kwargs": set(TextKwargs.__annotations__),
+    "images_kwargs": set(ImagesKwargs.__annotations__),
+    "videos_kwargs": set(VideosKwargs.__annotations__),
+}
+_FLAT_KWARGS = (
+    set(TextKwargs.__annotations__)
+    | set(ImagesKwargs.__annotations__)
+    | set(VideosKwargs.__annotations__)
+    | {"text_kwargs", "images_kwargs", "videos_kwargs", "audio_kwargs", "common_kwargs"}
+)
 
 
 class MPLUGProcessor(ProcessorMixin):
@@ -277,11 +309,8 @@ class MPLUGProcessor(ProcessorMixin):
         videos: Any = None,
         text_pair: str | Sequence[str] | None = None,
         text_target: str | Sequence[str] | None = None,
-        padding: bool | str | None = None,
-        truncation: bool | None = None,
-        max_length: int | None = None,
-        return_tensors: str | None = "pt",
-        **kwargs: Any,
+        audio: Any = None,
+        **kwargs: Unpack[MPLUGProcessorKwargs],
     ) -> BatchFeature:
         """Prepare model inputs.
 
@@ -293,18 +322,53 @@ class MPLUGProcessor(ProcessorMixin):
             text_pair: second segment(s) -> `[CLS] text [SEP] text_pair [SEP]` with `token_type_ids`.
             text_target: answers / target captions -> `labels` (`[CLS] text [SEP]`, padding = -100) and
                 `decoder_attention_mask`.
-            padding, truncation, max_length: as for a tokenizer; when not given, the processor's
-                `default_text_kwargs` (else `"longest"`, truncation at `model_max_length` only).
+            kwargs ([`MPLUGProcessorKwargs`]): transformers' processing kwargs, flat (`padding=`, `truncation=`,
+                `max_length=`, `return_tensors=`) or per modality (`text_kwargs={...}`, `images_kwargs={...}`).
+                Text kwargs not given come from the processor's `default_text_kwargs`, else `padding="longest"` and
+                truncation at `model_max_length` only; `return_tensors` defaults to `"pt"`. Text kwargs this
+                processor does not implement (`stride`, `pad_to_multiple_of`, ...) raise.
         """
+        if audio is not None:
+            raise TypeError("MPLUGProcessor takes no `audio`.")
+        unknown = sorted(set(kwargs) - _FLAT_KWARGS)
+        if unknown:
+            raise TypeError(f"MPLUGProcessor got unexpected argument(s) {unknown}.")
+        # flat kwargs go to the modalities that take them (one structure for every transformers release), then the
+        # processor's `default_text_kwargs` fill what is not given, then transformers merges in its defaults
+        nested = {name: dict(kwargs.pop(name, None) or {}) for name in _MODALITY_KEYS}
+        common = dict(kwargs.pop("common_kwargs", None) or {})
+        kwargs.pop("audio_kwargs", None)
+        for key, value in kwargs.items():
+            if value is None and key != "return_tensors":  # `None` = not given (the defaults apply)
+                continue
+            for name, keys in _MODALITY_KEYS.items():
+                if key in keys:
+                    if key in nested[name]:
+                        raise ValueError(f"`{key}` was passed twice: as an argument and in `{name}`.")
+                    nested[name][key] = value
         defaults = getattr(self, "default_text_kwargs", None) or {}
-        if padding is None:
-            padding = defaults.get("padding", "longest")
-        if truncation is None:
-            truncation = defaults.get("truncation")
-        if max_length is None:
-            max_length = defaults.get("max_length")
-        if kwargs:
-            raise TypeError(f"MPLUGProcessor got unexpected argument(s) {sorted(kwargs)}.")
+        nested["text_kwargs"] = {**{k: v for k, v in defaults.items() if k not in common}, **nested["text_kwargs"]}
+        for name in nested:  # common kwargs: below the per-modality ones
+            nested[name] = {"return_tensors": "pt", **common, **nested[name]}
+        merged = self._merge_kwargs(MPLUGProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **nested)
+        text_kwargs = merged["text_kwargs"]
+        unsupported = sorted(
+            key
+            for key, value in text_kwargs.items()
+            if key not in _TEXT_KWARGS and value not in _TEXT_KWARGS_AT_DEFAULT.get(key, (None,))
+        )
+        if unsupported:
+            raise TypeError(f"MPLUGProcessor does not implement the text argument(s) {unsupported}.")
+        padding = text_kwargs.get("padding", "longest")
+        truncation = text_kwargs.get("truncation")
+        max_length = text_kwargs.get("max_length")
+        return_tensors = text_kwargs.get("return_tensors", "pt")
+        for name, value in (("text_pair", text_pair), ("text_target", text_target)):
+            if name in text_kwargs and value is not None:
+                raise ValueError(f"`{name}` was passed twice: as an argument and in `text_kwargs`.")
+        text_pair = text_pair if text_pair is not None else text_kwargs.get("text_pair")
+        text_target = text_target if text_target is not None else text_kwargs.get("text_target")
+        visual_kwargs = merged["videos_kwargs" if videos is not None else "images_kwargs"]
         if images is None and videos is None and text is None and text_target is None:
             raise ValueError("Pass `images` (or `videos`) and/or `text` / `text_target`; got nothing to process.")
         if images is not None and videos is not None:
@@ -313,7 +377,7 @@ class MPLUGProcessor(ProcessorMixin):
             raise ValueError("`text_pair` needs `text`.")
         data: dict[str, Any] = {}
         if images is not None or videos is not None:
-            visual = self.image_processor(images=images, videos=videos, return_tensors=return_tensors)
+            visual = self.image_processor(images=images, videos=videos, **visual_kwargs)
             data.update(visual)
         num_texts = None
         if text is not None:
