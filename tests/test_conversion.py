@@ -429,7 +429,7 @@ def test_pretrained_layout_file_converts_for_pretraining_and_fine_tuning(tmp_pat
     assert "teacher_forced.logits" in again.stdout and "| NO |" not in again.stdout
 
 
-def _run(*args: str) -> subprocess.CompletedProcess:
+def run_converter(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(SCRIPT), *args],
         capture_output=True,
@@ -487,7 +487,7 @@ def test_unreadable_inputs_end_with_one_line_and_the_documented_exit_code(tmp_pa
         ),
     ]
     for args, code, message in cases:
-        result = _run("--task", "vqa", *args, "--output_dir", str(tmp_path / "out"))
+        result = run_converter("--task", "vqa", *args, "--output_dir", str(tmp_path / "out"))
         assert result.returncode == code, (args, result.stderr[-2000:])
         lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
         assert len(lines) == 1 and message in lines[0], (args, result.stderr[-2000:])

@@ -4,10 +4,7 @@ against the outputs ModelScope's own code recorded (../shared/reference/modelsco
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +16,7 @@ from transformers_mplug.original_checkpoint import read_modelscope_folder
 
 from .conftest import REPO_ROOT, require_reference
 from .fixture_checks import TOL, assert_beam_equal, beam_outputs
+from .test_conversion import run_converter
 
 SCRIPT = REPO_ROOT / "conversion" / "convert_mplug_original_to_hf.py"
 VARIANTS = ["vqa_base", "vqa_large", "caption_base", "caption_large", "retrieval_large", "vqa_base_ckpt_model_dict"]
@@ -28,16 +26,6 @@ CLASSES = {"vqa": MPLUGForQuestionAnswering, "caption": MPLUGForCaptioning, "ret
 def modelscope_dir(variant: str | None = None) -> Path:
     root = require_reference("modelscope")
     return root if variant is None else root / variant
-
-
-def run_converter(*arguments: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), *arguments],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +58,31 @@ def _load(variant: str):
 
 def _recorded(ref: dict, name: str) -> dict:
     return {"ids": ref[f"{name}_ids"], "lengths": ref[f"{name}_lengths"], "scores": ref[f"{name}_scores"]}
+
+
+def assert_trunk_as_modelscope(trunk, ref: dict) -> None:
+    """The vision tower, image embeddings and, where recorded and run, the text encoder and the fusion."""
+    pairs = {
+        "vision_tower_output": trunk.vision_last_hidden_state,
+        "image_embeds": trunk.image_embeds,
+        "text_encoder_output": trunk.text_embeds,
+        "fusion_image_output": trunk.fused_image_embeds,
+        "fusion_text_output": trunk.fused_text_embeds,
+    }
+    checked = [name for name, ours in pairs.items() if ours is not None and name in ref]
+    assert {"vision_tower_output", "image_embeds"} <= set(checked)
+    for name in checked:
+        torch.testing.assert_close(pairs[name], ref[name], **TOL)
+
+
+def assert_decodes_as_modelscope(model, inputs: dict, ref: dict) -> None:
+    """The folder's default decoding (ModelScope's beam search), greedy and the n-best list: ids and scores."""
+    for name, options in (
+        ("generated_beam", {}),
+        ("generated_greedy", {"num_beams": 1}),
+        ("beam_nbest", {"num_return_sequences": 5}),
+    ):
+        assert_beam_equal(beam_outputs(model, **inputs, **options), _recorded(ref, name))
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -110,20 +123,14 @@ def test_vqa_folder_reproduces_modelscope(converted, variant):
             decoder_attention_mask=inputs["answer_attention_mask"],
             labels=inputs["answer_input_ids"].masked_fill(inputs["answer_attention_mask"] == 0, -100),
         )
-    torch.testing.assert_close(trunk.vision_last_hidden_state, ref["vision_tower_output"], **TOL)
-    torch.testing.assert_close(trunk.image_embeds, ref["image_embeds"], **TOL)
-    torch.testing.assert_close(trunk.text_embeds, ref["text_encoder_output"], **TOL)
-    torch.testing.assert_close(trunk.fused_image_embeds, ref["fusion_image_output"], **TOL)
-    torch.testing.assert_close(trunk.fused_text_embeds, ref["fusion_text_output"], **TOL)
+    assert_trunk_as_modelscope(trunk, ref)
     torch.testing.assert_close(trunk.last_hidden_state, ref["decoder_encoder_states"], **TOL)
     assert torch.equal(trunk.memory_attention_mask, ref["decoder_encoder_mask"])
     torch.testing.assert_close(out.logits, ref["decoder_logits"], **TOL)
     torch.testing.assert_close(out.loss_per_sequence, ref["decoder_loss_per_sample"], **TOL)
     torch.testing.assert_close(out.loss, ref["loss"], **TOL)
     # the folder's default decoding is ModelScope's (the original beam search, the yaml's beam size and lengths)
-    assert_beam_equal(beam_outputs(model, **question), _recorded(ref, "generated_beam"))
-    assert_beam_equal(beam_outputs(model, **question, num_beams=1), _recorded(ref, "generated_greedy"))
-    assert_beam_equal(beam_outputs(model, **question, num_return_sequences=5), _recorded(ref, "beam_nbest"))
+    assert_decodes_as_modelscope(model, question, ref)
 
 
 @pytest.mark.parametrize("variant", ["caption_base", "caption_large"])
@@ -136,14 +143,11 @@ def test_caption_folder_reproduces_modelscope(converted, variant):
         out = model(
             pixel_values=inputs["image"], input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)
         )
-    torch.testing.assert_close(trunk.vision_last_hidden_state, ref["vision_tower_output"], **TOL)
-    torch.testing.assert_close(trunk.image_embeds, ref["image_embeds"], **TOL)
+    assert_trunk_as_modelscope(trunk, ref)
     torch.testing.assert_close(out.logits, ref["decoder_logits"], **TOL)
     torch.testing.assert_close(out.loss, ref["loss"], **TOL)
     pixels = {"pixel_values": inputs["image"]}
-    assert_beam_equal(beam_outputs(model, **pixels), _recorded(ref, "generated_beam"))
-    assert_beam_equal(beam_outputs(model, **pixels, num_beams=1), _recorded(ref, "generated_greedy"))
-    assert_beam_equal(beam_outputs(model, **pixels, num_return_sequences=5), _recorded(ref, "beam_nbest"))
+    assert_decodes_as_modelscope(model, pixels, ref)
 
 
 def test_retrieval_folder_reproduces_modelscope(converted):
@@ -157,10 +161,7 @@ def test_retrieval_folder_reproduces_modelscope(converted):
         images, texts = pixels.repeat_interleave(2, 0), ids.repeat(2, 1)
         all_pairs = model.match_pairs(images, texts, mask.repeat(2, 1)).view(2, 2, 2)
         result = model.retrieve(pixel_values=pixels, input_ids=ids, attention_mask=mask, k=2)
-    torch.testing.assert_close(trunk.vision_last_hidden_state, ref["vision_tower_output"], **TOL)
-    torch.testing.assert_close(trunk.image_embeds, ref["image_embeds"], **TOL)
-    torch.testing.assert_close(trunk.text_embeds, ref["text_encoder_output"], **TOL)
-    torch.testing.assert_close(trunk.fused_text_embeds, ref["fusion_text_output"], **TOL)
+    assert_trunk_as_modelscope(trunk, ref)
     torch.testing.assert_close(logits.image_features, ref["itc_image_feat"], **TOL)
     torch.testing.assert_close(logits.text_features, ref["itc_text_feat"], **TOL)
     torch.testing.assert_close(logits.logits_per_image, ref["itc_sim_i2t"], **TOL)

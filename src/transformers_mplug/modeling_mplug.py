@@ -1076,14 +1076,22 @@ class MPLUGDecoderHeadMixin:
 
     def _fused_memory(self, pixel_values, input_ids, attention_mask, image_embeds) -> tuple[torch.Tensor, torch.Tensor]:
         """`concat(V', T')` and its mask `concat(ones, attention_mask)` from the trunk."""
-        out = self.mplug(
+        return self._fused_trunk(pixel_values, input_ids, attention_mask, image_embeds)[1:]
+
+    def _fused_trunk(
+        self, pixel_values, input_ids, attention_mask, image_embeds, hidden: bool = False, attentions: bool = False
+    ) -> tuple[MPLUGModelOutput, torch.Tensor, torch.Tensor]:
+        """The trunk's output (recording as asked), the memory `concat(V', T')` and its mask."""
+        trunk = self.mplug(
             pixel_values=pixel_values,
             input_ids=input_ids,
             attention_mask=attention_mask,
             image_embeds=image_embeds,
+            output_hidden_states=hidden,
+            output_attentions=attentions,
             return_dict=True,
         )
-        return out.last_hidden_state, out.memory_attention_mask
+        return trunk, trunk.last_hidden_state, trunk.memory_attention_mask
 
     def get_output_embeddings(self) -> nn.Module:
         return self.text_decoder.get_output_embeddings()
@@ -1391,16 +1399,9 @@ class MPLUGForQuestionAnswering(MPLUGDecoderHeadMixin, MPLUGPreTrainedModel, Gen
             if memory_mask is None:
                 memory_mask = torch.ones(memory.shape[:2], dtype=torch.long, device=memory.device)
         else:
-            trunk = self.mplug(
-                pixel_values=pixel_values,
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                image_embeds=image_embeds,
-                output_hidden_states=hidden,
-                output_attentions=attentions,
-                return_dict=True,
+            trunk, memory, memory_mask = self._fused_trunk(
+                pixel_values, input_ids, attention_mask, image_embeds, hidden, attentions
             )
-            memory, memory_mask = trunk.last_hidden_state, trunk.memory_attention_mask
         batch_size, num_answers = memory.shape[0], decoder_input_ids.shape[0]
         index = self._answer_index(batch_size, num_answers, answer_question_index, answers_per_question, memory.device)
         decoded = self._decoder_output(
@@ -2444,16 +2445,9 @@ class MPLUGForGrounding(MPLUGDecoderHeadMixin, MPLUGPreTrainedModel):
                 )
             output = self.predict_boxes(pixel_values, input_ids, attention_mask, image_embeds)
             return output
-        trunk = self.mplug(
-            pixel_values=pixel_values,
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            image_embeds=image_embeds,
-            output_hidden_states=hidden,
-            output_attentions=attentions,
-            return_dict=True,
+        trunk, memory, memory_mask = self._fused_trunk(
+            pixel_values, input_ids, attention_mask, image_embeds, hidden, attentions
         )
-        memory, memory_mask = trunk.last_hidden_state, trunk.memory_attention_mask
         batch_size = memory.shape[0]
         boxes = torch.as_tensor(boxes, dtype=memory.dtype, device=memory.device)
         if boxes.shape != (batch_size, 4):
