@@ -13,6 +13,7 @@ Sections (random weights; medians of `--repeats` runs after a warm-up; everythin
 4. A VQA training step (batch 8): with and without gradient checkpointing, time and peak memory (each in a fresh
    process, peak resident memory).
 5. Corpus retrieval (`retrieve`, ITC only and ITC top-k -> ITM) against the gallery size, at `--retrieval_size`.
+   5b. ITM re-rank of one image against `--retrieval_k` texts: shared image keys/values against per pair.
 6. Parameters of a base VQA model (what runs) and its resident memory, against the original's 983 M.
 
     python benchmarks/benchmark_mplug.py                 # base size, about 10 minutes on 2 CPU cores
@@ -342,6 +343,44 @@ def bench_retrieval(args) -> list[dict]:
     return rows
 
 
+def bench_itm_sharing(size: dict, args) -> list[dict]:
+    """ITM re-ranking of one image against `--retrieval_k` texts: each co-attention layer projecting the image to
+    keys/values once (`image_index`, what `retrieve` does) against once per pair, for the base schedule (connected
+    attention at layer 3) and the large one (six co-attention layers)."""
+    return [
+        itm_sharing_row(size, name, stride, args.retrieval_k, args.repeats)
+        for name, stride in (("base (connected at 3)", 3), ("large (all co-attention)", 6))
+    ]
+
+
+def itm_sharing_row(size: dict, name: str, stride: int, k: int, repeats: int) -> dict:
+    torch.manual_seed(0)
+    model = MPLUGForRetrieval(mplug_config(size, projection_dim=256, connected_attention_stride=stride)).eval()
+    config = model.config
+    image = torch.randn(1, config.num_image_tokens, config.hidden_size)
+    texts = torch.randn(k, 30, config.hidden_size)
+    mask = torch.ones(k, 30, dtype=torch.long)
+    index = torch.zeros(k, dtype=torch.long)
+
+    def per_pair_logits():
+        return model._itm_logits(image.expand(k, -1, -1).contiguous(), texts, mask)
+
+    def shared_logits():
+        return model._itm_logits(image, texts, mask, image_index=index)
+
+    with torch.no_grad():
+        per_pair, shared = timed(per_pair_logits, repeats), timed(shared_logits, repeats)
+        difference = float((per_pair_logits() - shared_logits()).abs().max())
+    return {
+        "schedule": name,
+        "texts": k,
+        "per_pair_seconds": per_pair,
+        "shared_seconds": shared,
+        "speedup": per_pair / shared,
+        "max_abs_diff": difference,
+    }
+
+
 RESIDENT = r"""
 import json, os, sys, torch
 sys.path.insert(0, {here!r})
@@ -444,6 +483,7 @@ def main(argv: list[str] | None = None) -> dict:
         ("schedules", "3. Trunk forward by cross-modal schedule", lambda: bench_schedules(size, args)),
         ("training", "4. VQA training step", lambda: bench_training(args)),
         ("retrieval", f"5. Corpus retrieval ({args.retrieval_size} size)", lambda: bench_retrieval(args)),
+        ("itm_sharing", "5b. ITM re-rank: shared image keys/values vs per pair", lambda: bench_itm_sharing(size, args)),
     ]
     if args.sections:
         unknown = sorted(set(args.sections) - {key for key, _, _ in sections} - {"parameters"})

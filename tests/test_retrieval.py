@@ -149,16 +149,18 @@ def test_corpus_retrieval_matches_brute_force_itm_and_is_batched(monkeypatch):
     images = torch.randn(5, 3, 32, 32)
     texts = tiny_inputs(model.config, batch_size=6, seed=3)
     ids, mask = texts["input_ids"], texts["attention_mask"]
-    calls = []
+    calls, projected = [], []
     original = model.mplug.cross_modal_encoder.forward
 
-    def counting(image_embeds, text_embeds, attention_mask):
-        calls.append(image_embeds.shape[0])
-        return original(image_embeds, text_embeds, attention_mask)
+    def counting(image_embeds, text_embeds, attention_mask, image_index=None):
+        calls.append(text_embeds.shape[0])
+        projected.append(image_embeds.shape[0])
+        return original(image_embeds, text_embeds, attention_mask, image_index)
 
     monkeypatch.setattr(model.mplug.cross_modal_encoder, "forward", counting)
     result = model.retrieve(pixel_values=images, input_ids=ids, attention_mask=mask, k=3, batch_size=4)
     assert sum(calls) == 5 * 3 + 6 * 3 and max(calls) <= 4  # only the ITC candidates are fused, in batches
+    assert sum(projected) < sum(calls)  # pairs grouped by image: an image's keys/values serve all its texts
     with torch.no_grad():
         image_feats = model.get_image_features(pixel_values=images).pooler_output
         text_feats = model.get_text_features(ids, mask).pooler_output
@@ -191,3 +193,33 @@ def test_retrieval_validation():
         model.retrieve(pixel_values=torch.randn(2, 3, 32, 32), input_ids=torch.tensor([[1, 2]]), k=0)
     with pytest.raises(ValueError, match="pixel_values"):
         model.get_image_features()
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        ["co_attention", "connected_attention", "co_attention"],
+        ["co_attention", "co_attention"],
+        ["connected_attention", "co_attention"],
+    ],
+)
+def test_shared_image_keys_values_give_the_per_pair_itm_scores(attn_implementation, schedule):
+    """Texts scored against shared images (each image projected once per co-attention layer, until the first
+    connected-attention layer) give the scores of the per-pair path."""
+    torch.manual_seed(0)
+    model = MPLUGForRetrieval(config(cross_modal_layer_types=schedule, attn_implementation=attn_implementation)).eval()
+    texts = tiny_inputs(model.config, batch_size=7, seed=5)
+    ids, mask = texts["input_ids"], texts["attention_mask"]
+    with torch.no_grad():
+        images = model.mplug.encode_image(torch.randn(3, 3, 32, 32))[1]
+        text_embeds = model.mplug.encode_text(ids, mask)
+        index = torch.tensor([2, 0, 0, 1, 2, 2, 0])  # several texts per image, any order
+        shared = model._itm_logits(images, text_embeds, mask, image_index=index)
+        per_pair = model._itm_logits(images[index], text_embeds, mask)
+        fused_image, _ = model.mplug.cross_modal_encoder(images, text_embeds, mask, image_index=index)
+        per_pair_image, _ = model.mplug.cross_modal_encoder(images[index], text_embeds, mask)
+    torch.testing.assert_close(shared, per_pair, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused_image, per_pair_image, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="one entry per text"):
+        model.mplug.cross_modal_encoder(images, text_embeds, mask, image_index=index[:3])

@@ -287,12 +287,45 @@ class MPLUGCrossModalEncoder(nn.Module):
         return text_mask, joint_mask
 
     def forward(
-        self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, attention_mask: torch.Tensor
+        self,
+        image_embeds: torch.Tensor,
+        text_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_index: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        text_mask, joint_mask = self.masks(image_embeds, text_embeds, attention_mask)
+        """Fuse text `b` with image `b`, or, with `image_index` `(B,)`, with image `image_index[b]` of `image_embeds`
+        (several texts scored against one image: ITM re-ranking). Then each co-attention layer projects every image
+        to cross-attention keys/values once, and the texts attend to them through a cross-attention cache, up to the
+        first connected-attention layer (which updates the image states per pair)."""
+        if image_index is None:
+            text_mask, joint_mask = self.masks(image_embeds, text_embeds, attention_mask)
+            for layer in self.layer:
+                image_embeds, text_embeds = layer(image_embeds, text_embeds, text_mask, joint_mask)
+            return image_embeds, text_embeds
+        if image_index.shape != text_embeds.shape[:1]:
+            raise ValueError(
+                f"`image_index` must have one entry per text ({text_embeds.shape[0]}), got {image_index.shape}."
+            )
+        shared = image_embeds
+        text_mask, joint_mask = self.masks(shared[:1].expand(len(image_index), -1, -1), text_embeds, attention_mask)
+        cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        pair_images = None
         for layer in self.layer:
-            image_embeds, text_embeds = layer(image_embeds, text_embeds, text_mask, joint_mask)
-        return image_embeds, text_embeds
+            if pair_images is None and layer.layer_type == CO_ATTENTION:
+                attention = layer.crossattention.self
+                key, value = MPLUGSharedMemoryCrossAttention.project_memory(attention, shared)
+                cache.cross_attention_cache.update(key[image_index], value[image_index], attention.layer_idx)
+                cache.is_updated[attention.layer_idx] = True
+
+                def cross_attention(text: torch.Tensor, layer: MPLUGCrossModalLayer = layer) -> torch.Tensor:
+                    return layer.crossattention(text, encoder_hidden_states=shared, **{_CACHE_ARGUMENT: cache})[0]
+
+                _, text_embeds = layer(shared, text_embeds, text_mask, joint_mask, cross_attention=cross_attention)
+            else:
+                if pair_images is None:
+                    pair_images = shared[image_index]
+                pair_images, text_embeds = layer(pair_images, text_embeds, text_mask, joint_mask)
+        return (shared[image_index] if pair_images is None else pair_images), text_embeds
 
 
 def _check_model_folder(path: str | os.PathLike | None, kwargs: dict) -> None:
@@ -1918,9 +1951,13 @@ class MPLUGForRetrieval(MPLUGPreTrainedModel):
         )
 
     def _itm_logits(
-        self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, attention_mask: torch.Tensor
+        self,
+        image_embeds: torch.Tensor,
+        text_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        _, fused_text = self.mplug.cross_modal_encoder(image_embeds, text_embeds, attention_mask)
+        _, fused_text = self.mplug.cross_modal_encoder(image_embeds, text_embeds, attention_mask, image_index)
         return self.itm_head(fused_text[:, 0])
 
     def match_pairs(
@@ -2263,10 +2300,14 @@ class MPLUGForRetrieval(MPLUGPreTrainedModel):
         def rerank(query_count: int, candidates: torch.Tensor, pair_images, pair_texts, itc):
             scores = torch.empty(candidates.numel(), device=similarity.device, dtype=similarity.dtype)
             flat_images, flat_texts = pair_images.reshape(-1), pair_texts.reshape(-1)
+            # pairs grouped by image: each batch projects its few images to cross-attention keys/values once
+            by_image = flat_images.argsort(stable=True)
             for start in range(0, flat_images.numel(), batch_size):
-                chunk = slice(start, start + batch_size)
-                i, t = flat_images[chunk], flat_texts[chunk]
-                scores[chunk] = self._itm_logits(image_embeds[i], text_embeds[t], attention_mask[t])[:, 1].float()
+                rows = by_image[start : start + batch_size]
+                images, index = flat_images[rows].unique(return_inverse=True)
+                t = flat_texts[rows]
+                logits = self._itm_logits(image_embeds[images], text_embeds[t], attention_mask[t], image_index=index)
+                scores[rows] = logits[:, 1].to(scores.dtype)
             scores = scores.view(query_count, -1)
             if add_itc_score:
                 scores = scores + itc
