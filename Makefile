@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q $(TORCH_SPEC)
-	$(VENV)/bin/pip install -q -e ".[train,dev]"
+	$(VENV)/bin/pip install -q -e ".[train,dev,index]"
 	touch $@
 
 $(TF52_DIR)/.installed: $(VENV)/.installed

@@ -40,6 +40,7 @@ from .pipelines import (
     register_pipelines,
 )
 from .processing_mplug import MPLUGProcessor
+from .retrieval_index import MPLUGIndexSearchOutput, MPLUGRetrievalIndex
 from .tokenization_mplug import MPLUGTokenizer
 from .training import MPLUGMomentumCallback, original_hypothesis_scores, self_critical_loss
 from .video_utils import sample_frame_indices, sample_video_frames
@@ -119,5 +120,7 @@ __all__ = [
     "MPLUGPreTrainedModel",
     "MPLUGPreTrainingOutput",
     "MPLUGProcessor",
+    "MPLUGRetrievalIndex",
+    "MPLUGIndexSearchOutput",
     "MPLUGTokenizer",
 ]
