@@ -13,7 +13,7 @@ Sections (random weights; medians of `--repeats` runs after a warm-up; everythin
 4. A VQA training step (batch 8): with and without gradient checkpointing, time and peak memory (each in a fresh
    process, peak resident memory).
 5. Corpus retrieval (`retrieve`, ITC only and ITC top-k -> ITM) against the gallery size, at `--retrieval_size`.
-   5b. ITM re-rank of one image against `--retrieval_k` texts: shared image keys/values against per pair.
+   5b. ITM re-rank of one image against `--itm_texts` texts: shared image keys/values against per pair.
 6. Parameters of a base VQA model (what runs) and its resident memory, against the original's 983 M.
 
     python benchmarks/benchmark_mplug.py                 # base size, about 10 minutes on 2 CPU cores
@@ -344,11 +344,11 @@ def bench_retrieval(args) -> list[dict]:
 
 
 def bench_itm_sharing(size: dict, args) -> list[dict]:
-    """ITM re-ranking of one image against `--retrieval_k` texts: each co-attention layer projecting the image to
+    """ITM re-ranking of one image against `--itm_texts` texts: each co-attention layer projecting the image to
     keys/values once (`image_index`, what `retrieve` does) against once per pair, for the base schedule (connected
     attention at layer 3) and the large one (six co-attention layers)."""
     return [
-        itm_sharing_row(size, name, stride, args.retrieval_k, args.repeats)
+        itm_sharing_row(size, name, stride, args.itm_texts, args.repeats)
         for name, stride in (("base (connected at 3)", 3), ("large (all co-attention)", 6))
     ]
 
@@ -467,6 +467,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--num_candidates", type=int, default=3128)
     parser.add_argument("--retrieval_size", choices=sorted(SIZES), default="tiny")
     parser.add_argument("--retrieval_k", type=int, default=16)
+    parser.add_argument("--itm_texts", type=int, default=128, help="section 5b: texts re-ranked against one image")
     parser.add_argument("--galleries", type=int, nargs="+", default=[100, 500, 1000, 2500, 5000])
     parser.add_argument("--no_bf16", dest="bf16", action="store_false")
     parser.add_argument("--output_dir", default="outputs/benchmarks")

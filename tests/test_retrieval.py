@@ -217,9 +217,13 @@ def test_shared_image_keys_values_give_the_per_pair_itm_scores(attn_implementati
         index = torch.tensor([2, 0, 0, 1, 2, 2, 0])  # several texts per image, any order
         shared = model._itm_logits(images, text_embeds, mask, image_index=index)
         per_pair = model._itm_logits(images[index], text_embeds, mask)
+        grouped_index = torch.tensor([0, 0, 1, 1, 2, 2])  # the same number of texts per image, in order
+        grouped = model._itm_logits(images, text_embeds[:6], mask[:6], image_index=grouped_index)
+        grouped_per_pair = model._itm_logits(images[grouped_index], text_embeds[:6], mask[:6])
         fused_image, _ = model.mplug.cross_modal_encoder(images, text_embeds, mask, image_index=index)
         per_pair_image, _ = model.mplug.cross_modal_encoder(images[index], text_embeds, mask)
     torch.testing.assert_close(shared, per_pair, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grouped, grouped_per_pair, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(fused_image, per_pair_image, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="one entry per text"):
         model.mplug.cross_modal_encoder(images, text_embeds, mask, image_index=index[:3])

@@ -139,3 +139,23 @@ def test_images_from_files_texts_from_the_processor_and_an_approximate_index(tmp
         MPLUGRetrievalIndex.build(model, paths, tmp_path / "y", processor=processor, index_type="ivf")
     with pytest.raises(ValueError, match="num_candidates"):
         index.search(model, ["a cat"], processor=processor, k=3, num_candidates=2)
+
+
+def test_corrupted_indexes_and_bad_queries_raise(tmp_path, model, gallery, queries, caplog):
+    folder = tmp_path / "index"
+    index = MPLUGRetrievalIndex.build(model, gallery[:5], folder, batch_size=2, progress=False)
+    ids = queries["input_ids"]
+    with pytest.raises(ValueError, match="queries are empty"):
+        index.search(model, input_ids=ids[:0])
+    with caplog.at_level("WARNING"):
+        capped = index.search(model, input_ids=ids, k=50)
+    assert capped.indices.shape == (5, 5) and "larger than the index" in caplog.text
+    (folder / "features.faiss").write_bytes(b"not faiss")
+    with pytest.raises(ValueError, match="features.faiss cannot be read"):
+        MPLUGRetrievalIndex.load(folder, model)
+    (folder / "shard_00001.safetensors").unlink()
+    with pytest.raises(ValueError, match="lacks the shard file"):
+        MPLUGRetrievalIndex.load(folder, model)
+    (folder / "index.json").write_text("{ truncated")
+    with pytest.raises(ValueError, match="index.json is corrupted"):
+        MPLUGRetrievalIndex.load(folder, model)

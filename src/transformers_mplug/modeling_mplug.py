@@ -221,6 +221,9 @@ class MPLUGCrossModalLayer(GradientCheckpointingLayer):
         self.attention = BertAttention(config, layer_idx=layer_idx)
         if layer_type == CO_ATTENTION:
             self.crossattention = BertAttention(config, layer_idx=layer_idx, is_cross_attention=True)
+            # the same module with a grouped path: texts sharing an image attend to its keys/values in one call
+            # (ITM re-ranking); a class swap, so that no parameter is created (the random init stays the same)
+            self.crossattention.self.__class__ = MPLUGSharedMemoryCrossAttention
         self.intermediate = BertIntermediate(config)
         self.output = BertOutput(config)
 
@@ -307,14 +310,21 @@ class MPLUGCrossModalEncoder(nn.Module):
                 f"`image_index` must have one entry per text ({text_embeds.shape[0]}), got {image_index.shape}."
             )
         shared = image_embeds
+        count, images = len(image_index), shared.shape[0]
+        # texts grouped per image, the same number each (one image against its candidates): attention in groups
+        grouped = count % images == 0 and bool(
+            (image_index == torch.arange(images, device=image_index.device).repeat_interleave(count // images)).all()
+        )
         text_mask, joint_mask = self.masks(shared[:1].expand(len(image_index), -1, -1), text_embeds, attention_mask)
         cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
         pair_images = None
         for layer in self.layer:
             if pair_images is None and layer.layer_type == CO_ATTENTION:
                 attention = layer.crossattention.self
-                key, value = MPLUGSharedMemoryCrossAttention.project_memory(attention, shared)
-                cache.cross_attention_cache.update(key[image_index], value[image_index], attention.layer_idx)
+                key, value = attention.project_memory(shared)
+                if not grouped:  # texts in any order: each takes its image's keys/values (no projection)
+                    key, value = key[image_index], value[image_index]
+                cache.cross_attention_cache.update(key, value, attention.layer_idx)
                 cache.is_updated[attention.layer_idx] = True
 
                 def cross_attention(text: torch.Tensor, layer: MPLUGCrossModalLayer = layer) -> torch.Tensor:

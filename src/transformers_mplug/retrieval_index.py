@@ -149,7 +149,7 @@ class MPLUGRetrievalIndex:
         }
         existing = folder / INDEX_FILE
         if existing.exists():
-            previous = json.loads(existing.read_text(encoding="utf-8"))
+            previous = cls._read_record(folder)
             same = {k: previous.get(k) for k in ("model", "num_images", "token_dtype", "index_type")} == {
                 k: record[k] for k in ("model", "num_images", "token_dtype", "index_type")
             }
@@ -199,7 +199,7 @@ class MPLUGRetrievalIndex:
         folder = Path(path)
         if not (folder / INDEX_FILE).is_file():
             raise ValueError(f"{folder} holds no {INDEX_FILE}: not an MPLUGRetrievalIndex folder.")
-        record = json.loads((folder / INDEX_FILE).read_text(encoding="utf-8"))
+        record = cls._read_record(folder)
         if not record.get("complete"):
             raise ValueError(
                 f"The index in {folder} is not complete; call `MPLUGRetrievalIndex.build` again to resume."
@@ -222,7 +222,12 @@ class MPLUGRetrievalIndex:
             )
         index = cls(folder, record)
         faiss = _faiss()
-        index._vector_index = faiss.read_index(str(folder / FAISS_FILE))
+        try:
+            index._vector_index = faiss.read_index(str(folder / FAISS_FILE))
+        except RuntimeError as error:
+            raise ValueError(
+                f"{folder / FAISS_FILE} cannot be read ({str(error).splitlines()[0]}); build the index again."
+            ) from None
         if index._vector_index.ntotal != record["num_images"]:
             raise ValueError(
                 f"{folder / FAISS_FILE} holds {index._vector_index.ntotal} vectors, not {record['num_images']}."
@@ -240,6 +245,19 @@ class MPLUGRetrievalIndex:
                 shutil.copyfile(self.path / shard["file"], folder / shard["file"])
         _faiss().write_index(self._vector_index, str(folder / FAISS_FILE))
         self._write_record(folder, self.record)
+
+    @staticmethod
+    def _read_record(folder: Path) -> dict[str, Any]:
+        try:
+            record = json.loads((folder / INDEX_FILE).read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            raise ValueError(
+                f"{folder / INDEX_FILE} is corrupted ({error}); build the index into a new folder."
+            ) from None
+        missing = [shard["file"] for shard in record.get("shards", []) if not (folder / shard["file"]).is_file()]
+        if missing:
+            raise ValueError(f"The index in {folder} lacks the shard file(s) {missing}; build the index again.")
+        return record
 
     @staticmethod
     def _write_record(folder: Path, record: dict[str, Any]) -> None:
@@ -342,10 +360,18 @@ class MPLUGRetrievalIndex:
                 raise ValueError("`texts` need `processor` (an MPLUGProcessor); or pass `input_ids`.")
             encoded = processor(text=texts)
             input_ids, attention_mask = encoded["input_ids"], encoded["attention_mask"]
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[0] == 0:
+            raise ValueError(
+                "The queries are empty: pass at least one text (`input_ids` of shape (num_texts, length))."
+            )
         if attention_mask is None:
             attention_mask = (input_ids != model.config.pad_token_id).long()
         if not isinstance(k, int) or k < 1:
             raise ValueError(f"`k` must be a positive int, got {k!r}.")
+        if k > self.num_images:
+            logger.warning(
+                "`k`=%d is larger than the index (%d images); returning %d.", k, self.num_images, self.num_images
+            )
         num_candidates = k if num_candidates is None else num_candidates
         if not isinstance(num_candidates, int) or num_candidates < k:
             raise ValueError(f"`num_candidates` must be an int >= k ({k}), got {num_candidates!r}.")
