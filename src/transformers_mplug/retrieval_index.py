@@ -212,13 +212,14 @@ class MPLUGRetrievalIndex:
                 if built["config"].get(k) != given["config"].get(k)
             )
             raise ValueError(
-                f"The index in {folder} was built with another model ({built['name_or_path'] or 'unnamed'}): the "
-                f"configs differ in {differing[:8]}."
+                f"The index in {folder} was built with another model ({built['name_or_path'] or 'unnamed'}) than "
+                f"the given one ({given['name_or_path'] or 'unnamed'}): the configs differ in {differing[:8]}."
             )
         if built["weights_sha256"] != given["weights_sha256"]:
             raise ValueError(
-                f"The index in {folder} was built with other weights ({built['name_or_path'] or 'unnamed'}): the ITC "
-                "projections / ITM head differ. Build the index again with this model."
+                f"The index in {folder} was built with other weights ({built['name_or_path'] or 'unnamed'}) than the "
+                f"given model's ({given['name_or_path'] or 'unnamed'}): the ITC projections / ITM head differ. Build "
+                "the index again with this model."
             )
         index = cls(folder, record)
         faiss = _faiss()
