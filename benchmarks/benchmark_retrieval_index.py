@@ -3,7 +3,7 @@
 candidates from faiss, then ITM over their stored tokens), and the peak resident memory of a fresh process that loads
 the index and answers queries (it should not grow with the gallery: the tokens stay on disk).
 
-A tiny model (random weights, 32 px images, 5 image tokens) gives the token states; the images are random pixels.
+A tiny model (benchmark_mplug.py's tiny size, random weights, 32 px images, 5 image tokens) gives the token states; the images are random pixels.
 
     python benchmarks/benchmark_retrieval_index.py                        # galleries 1k, 10k, 100k
     python benchmarks/benchmark_retrieval_index.py --galleries 1000 5000
@@ -20,8 +20,9 @@ import time
 from pathlib import Path
 
 import torch
+from benchmark_mplug import SIZES, mplug_config
 
-from transformers_mplug import MPLUGConfig, MPLUGForRetrieval, MPLUGRetrievalIndex
+from transformers_mplug import MPLUGForRetrieval, MPLUGRetrievalIndex
 
 # a fresh process: load the index, answer `queries` text queries, report the latency and VmHWM
 QUERY = r"""
@@ -45,26 +46,9 @@ print(json.dumps({{"query_seconds": statistics.median(times), "peak_kb": int(pea
 
 
 def tiny_model() -> MPLUGForRetrieval:
+    """benchmark_mplug's tiny size at 32 px (5 image tokens)."""
     torch.manual_seed(0)
-    config = MPLUGConfig(
-        vision_config=dict(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=32,
-            patch_size=16,
-        ),
-        text_config=dict(
-            vocab_size=128, hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128
-        ),
-        num_cross_modal_layers=2,
-        num_decoder_layers=1,
-        projection_dim=32,
-        bos_token_id=101,
-        eos_token_id=102,
-    )
-    return MPLUGForRetrieval(config).eval()
+    return MPLUGForRetrieval(mplug_config(SIZES["tiny"], image_size=32, projection_dim=32)).eval()
 
 
 def main() -> int:

@@ -1899,18 +1899,20 @@ class MPLUGForRetrieval(MPLUGPreTrainedModel):
         Changed in 0.2: it returned the feature tensor, now `.pooler_output` (transformers v5's convention)."""
         _reject_unused_kwargs(self, kwargs)
         hidden, attentions = _output_flags(self.config, output_hidden_states, output_attentions)
-        if (hidden or attentions) and pixel_values is None:
-            raise ValueError("`output_hidden_states`/`output_attentions` record the vision tower: pass `pixel_values`.")
         encoded = None
-        if hidden or attentions:
-            if image_embeds is not None:
-                raise ValueError("Pass either `pixel_values` or `image_embeds`, not both.")
+        if image_embeds is None:
+            if pixel_values is None:
+                raise ValueError("Pass `pixel_values` (or precomputed `image_embeds`).")
             encoded = self.mplug.encode_separately(
                 pixel_values=pixel_values, output_hidden_states=hidden, output_attentions=attentions
             )
             embeds = encoded.image_embeds
+        elif pixel_values is not None:
+            raise ValueError("Pass either `pixel_values` or `image_embeds`, not both.")
+        elif hidden or attentions:
+            raise ValueError("`output_hidden_states`/`output_attentions` record the vision tower: pass `pixel_values`.")
         else:
-            embeds = self._image_embeds(pixel_values, image_embeds)
+            embeds = image_embeds
         if frame_pooling == "mean" and pixel_values is not None and pixel_values.dim() == 5:
             num_frames = pixel_values.shape[1]
         return BaseModelOutputWithPooling(
