@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -338,12 +339,114 @@ def test_pipeline_conventions(task, tmp_path, processor, image):
     folder = saved(tmp_path, model, task_processor)
     from_folder = pipeline(task, model=folder, **kwargs)
     expected = single(from_object, image)
-    assert single(from_folder, image) == expected
+    _assert_same_result(single(from_folder, image), expected)
     # transformers 5.2's own pipelines fail in save_pretrained (no `modelcard` attribute): not an mPLUG matter
     if not (transformers.__version__.startswith("5.2.") and task == "zero-shot-image-classification"):
         from_folder.save_pretrained(tmp_path / "pipeline")
-        assert single(pipeline(task, model=str(tmp_path / "pipeline"), **kwargs), image) == expected
+        _assert_same_result(single(pipeline(task, model=str(tmp_path / "pipeline"), **kwargs), image), expected)
     other = Image.fromarray(np.random.default_rng(1).integers(0, 256, (30, 44, 3), dtype=np.uint8))
     results = several(from_folder, [image, other])
     assert isinstance(results, list) and len(results) == 2
-    assert results[0] == single(from_folder, image)
+    _assert_same_result(results[0], single(from_folder, image))
+
+
+def _assert_same_result(got, expected):
+    """Equal pipeline outputs: the same structure, labels and boxes, scores to float rounding (a reloaded model's
+    kernels may round the last bits of a ~1e-6 probability differently)."""
+    assert type(got) is type(expected), (got, expected)
+    if isinstance(expected, dict):
+        assert sorted(got) == sorted(expected)
+        for key in expected:
+            _assert_same_result(got[key], expected[key])
+    elif isinstance(expected, list):
+        assert len(got) == len(expected)
+        for a, b in zip(got, expected):
+            _assert_same_result(a, b)
+    elif isinstance(expected, float):
+        assert got == pytest.approx(expected, rel=1e-5, abs=1e-12)
+    else:
+        assert got == expected
+
+
+# ------------------------------------------------------------------------------------------------ batching
+BATCH_QUESTIONS = [
+    "what is the cat",
+    "how many dogs are sitting on the red sofa near the window",
+    "is it",
+    "what colour is the large square in the top left corner",
+    "where",
+]
+
+
+def _batched_and_single(vqa, images, questions, **kwargs):
+    batched = vqa(images, questions, batch_size=3, **kwargs)
+    single = [vqa(i, q, **kwargs) for i, q in zip(images, questions)]
+    return batched, single
+
+
+def _assert_same_answers(batched, single):
+    assert len(batched) == len(single)
+    for got, expected in zip(batched, single):
+        assert [r["answer"] for r in got] == [r["answer"] for r in expected]
+        # relative: a tiny random model gives answers of probability ~1e-6, and its text changes them by ~1e-4
+        assert [r["score"] for r in got] == pytest.approx([r["score"] for r in expected], rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(decoding_mode="original", num_beams=3, top_k=2, max_new_tokens=4),
+        dict(decoding_mode="transformers", num_beams=3, top_k=3, max_new_tokens=4),
+        dict(decoding_mode="transformers", num_beams=1, max_new_tokens=4),
+        dict(candidate_answers=["red", "blue cat", "two", "on the sofa"], k=3, top_k=2),
+    ],
+    ids=["original-beams", "transformers-beams", "greedy", "candidates"],
+)
+def test_vqa_pipeline_batches_equal_one_by_one(case, processor):
+    """`batch_size=3` over 5 questions of different lengths (a short last batch): one `generate` per batch, padding
+    masked, with the answers and scores of one call per question."""
+    torch.manual_seed(0)
+    model = MPLUGForQuestionAnswering(tiny_config()).eval()
+    vqa = pipeline("visual-question-answering", model=model, processor=processor, **VQA_CLASS)
+    rng = np.random.default_rng(3)
+    images = [Image.fromarray(rng.integers(0, 256, (32 + 4 * i, 40, 3), dtype=np.uint8)) for i in range(5)]
+    calls = []
+    generate = model.generate
+    model.generate = lambda *a, **kw: calls.append(kw["input_ids"].shape[0]) or generate(*a, **kw)
+    ranked = []
+    rank_answers = model.rank_answers
+    model.rank_answers = lambda *a, **kw: ranked.append(kw["input_ids"].shape[0]) or rank_answers(*a, **kw)
+    batched, single = _batched_and_single(vqa, images, BATCH_QUESTIONS, **case)
+    assert (calls or ranked) == [3, 2] + [1] * 5  # the batched calls, then the one-by-one ones
+    _assert_same_answers(batched, single)
+
+
+def test_vqa_pipeline_batching_honours_padding_side_and_fixed_length(processor):
+    """A tokenizer that pads on the left (the batch is collated with it) and ModelScope's fixed-length padding
+    (`padding="max_length"`, 25) give the one-by-one answers too; one image with many questions broadcasts."""
+    torch.manual_seed(0)
+    model = MPLUGForQuestionAnswering(tiny_config()).eval()
+    image = Image.fromarray(np.random.default_rng(4).integers(0, 256, (36, 36, 3), dtype=np.uint8))
+    left = MPLUGProcessor(processor.image_processor, copy.deepcopy(processor.tokenizer))
+    left.tokenizer.padding_side = "left"
+    fixed = MPLUGProcessor(
+        processor.image_processor,
+        processor.tokenizer,
+        default_text_kwargs={"padding": "max_length", "max_length": 25, "truncation": True},
+    )
+    reference = [
+        pipeline("visual-question-answering", model=model, processor=processor, **VQA_CLASS)(
+            image, q, num_beams=2, max_new_tokens=4
+        )
+        for q in BATCH_QUESTIONS
+    ]
+    for variant in (left, fixed):
+        vqa = pipeline("visual-question-answering", model=model, processor=variant, **VQA_CLASS)
+        batched = vqa(image, BATCH_QUESTIONS, batch_size=4, num_beams=2, max_new_tokens=4)
+        _assert_same_answers(batched, reference)
+    rows = [{"image": image, "question": q} for q in BATCH_QUESTIONS]
+    _assert_same_answers(vqa(rows, batch_size=2, num_beams=2, max_new_tokens=4), reference)
+    with pytest.raises(ValueError, match="same length"):
+        vqa([image, image], BATCH_QUESTIONS)
+    with pytest.raises(TypeError, match="question"):
+        vqa(image, [1, 2])

@@ -122,25 +122,71 @@ class MPLUGVisualQuestionAnsweringPipeline(_MPLUGPipelineMixin, Pipeline):
     is the answer's probability under the model). With `candidate_answers=[...]` the answers are ranked in the
     closed vocabulary as the original (`k` pre-selected by first-token probability), `score` = the re-ranked
     probability. Generation arguments (`num_beams`, `max_new_tokens`, ...) pass through.
+
+    Several questions: `vqa(image, [q1, q2])` asks both about one image, `vqa([im1, im2], q)` asks one question about
+    both, `vqa([im1, im2], [q1, q2])` pairs them (one answer list per pair; transformers' own 5.2 pipeline takes the
+    Cartesian product instead), and a list of `{"image", "question"}` dicts (or a dataset of them) is answered row by
+    row. With `batch_size=N`, N questions go through one `generate` (questions padded, their padding masked), with the
+    answers and scores of one-by-one calls.
+
+    Example:
+
+    ```python
+    >>> import transformers_mplug  # registers the task
+    >>> from transformers import pipeline
+    >>> vqa = pipeline("visual-question-answering", model="path/to/mplug-vqa")  # doctest: +SKIP
+    >>> vqa(image, ["what colour is the circle?", "how many squares?"], batch_size=2)  # doctest: +SKIP
+    [[{'answer': 'red', 'score': 0.91}], [{'answer': '2', 'score': 0.84}]]
+    ```
     """
 
     _model_class = MPLUGForQuestionAnswering
     _task_name = "visual-question-answering"
+    # `processor=` alone is enough: the tokenizer and image processor are then taken from it
     _load_processor = None
-    _load_image_processor = True
+    _load_image_processor = None
     _load_feature_extractor = False
-    _load_tokenizer = True
+    _load_tokenizer = None
 
-    def __call__(self, image: Any, question: str | None = None, **kwargs: Any):
-        if isinstance(image, dict) and question is None:
-            return super().__call__(image, **kwargs)
-        if isinstance(image, list) and question is not None and isinstance(question, list):
-            if len(image) != len(question):
-                raise ValueError("`image` and `question` lists must have the same length.")
-            return [self(img, q, **kwargs) for img, q in zip(image, question)]
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        processor = getattr(self, "processor", None)
+        # batching (`batch_size=`) collates with the pipeline's tokenizer (its pad id) and image processor
+        if getattr(self, "tokenizer", None) is None and getattr(processor, "tokenizer", None) is not None:
+            self.tokenizer = processor.tokenizer
+        if getattr(self, "image_processor", None) is None and getattr(processor, "image_processor", None) is not None:
+            self.image_processor = processor.image_processor
+
+    def __call__(self, image: Any, question: str | list[str] | None = None, **kwargs: Any):
         if question is None:
-            raise ValueError("Pass a `question` (a string) with the image.")
-        return super().__call__({"image": image, "question": question}, **kwargs)
+            if isinstance(image, dict) or (isinstance(image, (list, tuple)) and image and isinstance(image[0], dict)):
+                return super().__call__(list(image) if isinstance(image, tuple) else image, **kwargs)
+            if isinstance(image, (list, tuple, str, torch.Tensor)) or hasattr(image, "shape") or hasattr(image, "mode"):
+                raise ValueError(
+                    "Pass a `question` (a string or a list of strings) with the image, or `{'image', 'question'}` "
+                    "dicts."
+                )
+            return super().__call__(image, **kwargs)  # a dataset / generator of {"image", "question"} rows
+        many_images, many_questions = isinstance(image, (list, tuple)), isinstance(question, (list, tuple))
+        questions = list(question) if many_questions else [question]
+        if not questions or not all(isinstance(q, str) for q in questions):
+            raise TypeError(f"`question` must be a string or a non-empty list of strings, got {question!r}.")
+        images = list(image) if many_images else [image]
+        if not images:
+            raise ValueError("`image` is an empty list: pass at least one image.")
+        if many_images and many_questions and len(images) != len(questions):
+            raise ValueError(
+                f"`image` ({len(images)}) and `question` ({len(questions)}) lists must have the same length: pair "
+                "them one to one, or pass one image (or one question) to ask about all."
+            )
+        if not (many_images or many_questions):
+            return super().__call__({"image": image, "question": question}, **kwargs)
+        count = max(len(images), len(questions))
+        rows = [
+            {"image": images[i if many_images else 0], "question": questions[i if many_questions else 0]}
+            for i in range(count)
+        ]
+        return super().__call__(rows, **kwargs)
 
     def _sanitize_parameters(
         self,
@@ -155,15 +201,21 @@ class MPLUGVisualQuestionAnsweringPipeline(_MPLUGPipelineMixin, Pipeline):
         if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"`top_k` must be a positive int, got {top_k!r}.")
         forward = {"generate_kwargs": generate_kwargs, "top_k": top_k or 1}
+        postprocess = {}
         if candidate_answers is not None:
             if not candidate_answers or not all(isinstance(a, str) and a.strip() for a in candidate_answers):
                 raise ValueError("`candidate_answers` must be a non-empty list of non-empty strings.")
             forward.update(candidate_answers=list(candidate_answers), k=k)
-        return {"timeout": timeout, "truncation": truncation, "max_length": max_length}, forward, {}
+            postprocess["candidate_answers"] = list(candidate_answers)
+        return {"timeout": timeout, "truncation": truncation, "max_length": max_length}, forward, postprocess
 
     def preprocess(
         self, inputs: dict, timeout: float | None = None, truncation: bool | None = None, max_length: int | None = None
     ):
+        if not isinstance(inputs, dict) or not {"image", "question"} <= set(inputs):
+            raise ValueError(f"Each input must be a dict with 'image' and 'question', got {type(inputs).__name__}.")
+        if not isinstance(inputs["question"], str):
+            raise TypeError(f"'question' must be a string, got {type(inputs['question']).__name__}.")
         processor = self._mplug_processor()
         return processor(
             images=_as_image(inputs["image"], timeout),
@@ -173,15 +225,15 @@ class MPLUGVisualQuestionAnsweringPipeline(_MPLUGPipelineMixin, Pipeline):
         )
 
     def _forward(self, model_inputs, generate_kwargs=None, top_k: int = 1, candidate_answers=None, k: int = 128):
-        model_inputs = {
-            k_: v for k_, v in model_inputs.items() if k_ in ("pixel_values", "input_ids", "attention_mask")
-        }
-        processor = self._mplug_processor()
+        input_ids, attention_mask = _right_aligned(model_inputs["input_ids"], model_inputs.get("attention_mask"))
+        model_inputs = {"pixel_values": model_inputs["pixel_values"], "input_ids": input_ids}
+        if attention_mask is not None:
+            model_inputs["attention_mask"] = attention_mask
+        batch_size = input_ids.shape[0]
         if candidate_answers is not None:
-            candidates = processor.encode_text(candidate_answers, add_eos=True)
+            candidates = self._mplug_processor().encode_text(candidate_answers, add_eos=True)
             ranked = self.model.rank_answers(candidates["input_ids"], candidates["attention_mask"], k=k, **model_inputs)
-            answers = [candidate_answers[i] for i in ranked.indices[0, :top_k].tolist()]
-            return {"answers": answers, "scores": ranked.probabilities[0, :top_k].tolist()}
+            return {"indices": ranked.indices[:, :top_k], "scores": ranked.probabilities[:, :top_k].float()}
         generate_kwargs = dict(generate_kwargs or {})
         num_beams = generate_kwargs.get("num_beams", self.model.generation_config.num_beams or 1)
         if top_k > num_beams:
@@ -197,18 +249,34 @@ class MPLUGVisualQuestionAnsweringPipeline(_MPLUGPipelineMixin, Pipeline):
             out.sequences, out.scores, getattr(out, "beam_indices", None), normalize_logits=num_beams == 1
         )
         new_tokens = out.sequences[:, 1:]
-        valid = torch.ones_like(new_tokens, dtype=torch.bool)
-        eos = self.model.config.eos_token_id
-        for row in range(new_tokens.shape[0]):  # keep up to and including the first [SEP]
-            hits = (new_tokens[row] == eos).nonzero()
-            if len(hits):
-                valid[row, hits[0, 0] + 1 :] = False
+        # keep up to and including the first [SEP]; a hypothesis that ends earlier than the batch is padded after it
+        is_eos = new_tokens == self.model.config.eos_token_id
+        valid = (is_eos.long().cumsum(1) - is_eos.long()) == 0
         log_probs = (transition.float() * valid[:, : transition.shape[1]]).sum(1)
-        return {"answers": processor.batch_decode(out.sequences), "scores": log_probs.exp().tolist()}
+        return {
+            "sequences": out.sequences.view(batch_size, top_k, -1),
+            "scores": log_probs.exp().view(batch_size, top_k),
+        }
 
-    def postprocess(self, model_outputs):
-        results = [{"answer": a, "score": float(s)} for a, s in zip(model_outputs["answers"], model_outputs["scores"])]
+    def postprocess(self, model_outputs, candidate_answers: list[str] | None = None):
+        scores = model_outputs["scores"][0].tolist()  # this question's row (a batch is unrolled row by row)
+        if candidate_answers is not None:
+            answers = [candidate_answers[i] for i in model_outputs["indices"][0].tolist()]
+        else:
+            answers = self._mplug_processor().batch_decode(model_outputs["sequences"][0])
+        results = [{"answer": a, "score": float(s)} for a, s in zip(answers, scores)]
         return sorted(results, key=lambda r: r["score"], reverse=True)
+
+
+def _right_aligned(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rows whose padding comes first (a tokenizer with `padding_side="left"`) moved to right padding: the text
+    encoder's absolute positions then start at each question's first token, as for a question alone."""
+    if attention_mask is None or not bool((attention_mask[:, :1] == 0).any()):
+        return input_ids, attention_mask
+    order = (attention_mask == 0).long().argsort(dim=1, stable=True)  # real tokens first, in their order
+    return input_ids.gather(1, order), attention_mask.gather(1, order)
 
 
 class MPLUGImageCaptioningPipeline(_MPLUGPipelineMixin, Pipeline):
