@@ -162,3 +162,24 @@ def deepspeed_launch(tmp_path_factory) -> tuple[list[str], dict[str, str]]:
         ]
 
     return command, env
+
+
+@pytest.fixture
+def cpu_launch() -> tuple[list[str], dict[str, str]]:
+    """The `accelerate launch` prefix for 2 CPU processes without DeepSpeed (gloo; a free port) and its
+    environment."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [
+        str(Path(sys.executable).parent / "accelerate"),
+        "launch",
+        "--config_file",
+        str(REPO_ROOT / "examples" / "configs" / "accelerate_cpu_multiprocess.yaml"),
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(port),
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return command, env

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -227,3 +231,20 @@ def test_shared_image_keys_values_give_the_per_pair_itm_scores(attn_implementati
     torch.testing.assert_close(fused_image, per_pair_image, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="one entry per text"):
         model.mplug.cross_modal_encoder(images, text_embeds, mask, image_index=index[:3])
+
+
+def test_retrieve_on_two_processes_equals_one(tmp_path, cpu_launch):
+    """`retrieve(distributed=True)` under `accelerate launch --num_processes 2`: every rank returns the one-process
+    output (shares of unequal size, a rank without images, more candidates than the gallery)."""
+    command, env = cpu_launch
+    script = Path(__file__).parent / "distributed_retrieval_check.py"
+    result = subprocess.run(
+        [*command, str(script), str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    for rank in range(2):
+        report = json.loads((tmp_path / f"retrieve_rank{rank}.json").read_text())
+        assert report["world_size"] == 2 and len(report["cases"]) == 3
+        for case in report["cases"]:
+            assert case["indices_equal"], case
+            assert case["max_abs_diff"] < 1e-5, case

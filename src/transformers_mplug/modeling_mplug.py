@@ -2265,6 +2265,7 @@ class MPLUGForRetrieval(MPLUGPreTrainedModel):
         add_itc_score: bool = False,
         batch_size: int = 64,
         frame_pooling: str = "first",
+        distributed: bool = False,
     ) -> MPLUGCorpusRetrievalOutput:
         r"""
         Retrieve in both directions over a gallery of images and texts, as the original evaluation: ITC
@@ -2274,6 +2275,11 @@ class MPLUGForRetrieval(MPLUGPreTrainedModel):
         fusion pass is made. Videos `(B, T, C, H, W)` are galleries of concatenated frame tokens (ITM reads all of
         them); `frame_pooling="mean"` averages the frames' projected `[CLS]` for the ITC features (zero-shot
         text-to-video retrieval: `frame_pooling="mean", add_itc_score=True`).
+
+        With `distributed=True` in a `torch.distributed` process group (e.g. under `accelerate launch
+        --num_processes N`), every rank encodes its contiguous share of the images and texts and re-ranks its share of
+        the candidate pairs (grouped by image as on one process); the shares are gathered, so every rank returns the
+        whole output, equal to one process's. Every rank must call it with the same gallery and arguments.
         """
         if input_ids is None:
             raise ValueError("`input_ids` (the text gallery) is required.")
@@ -2286,24 +2292,40 @@ class MPLUGForRetrieval(MPLUGPreTrainedModel):
             raise ValueError(f"`k` must be a positive int, got {k!r}.")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}.")
+        if not isinstance(distributed, bool):
+            raise TypeError(f"`distributed` must be a bool, got {type(distributed).__name__}.")
         attention_mask = _text_attention_mask(input_ids, attention_mask, self.config.pad_token_id)
+        if distributed:  # the process-group calls live in training.py
+            from .training import gather_rows_across_ranks, rank_and_world_size, shard_bounds
+
+            rank, world_size = rank_and_world_size()
+        else:
+            rank, world_size = 0, 1
+
+        def share(count: int) -> slice:
+            return slice(*shard_bounds(count, rank, world_size)) if world_size > 1 else slice(0, count)
+
+        def gathered(rows: torch.Tensor) -> torch.Tensor:
+            return gather_rows_across_ranks(rows) if world_size > 1 else rows
+
+        def encoded(encode, *tensors: torch.Tensor) -> torch.Tensor:
+            """`encode` over this rank's share of the rows, in batches, then every rank's share."""
+            local = [t[share(t.shape[0])] for t in tensors]
+            if local[0].shape[0] == 0:  # a rank with no share (fewer items than ranks): one row gives the shape
+                out = encode(*(t[:1] for t in tensors))[:0]
+            else:
+                out = torch.cat([encode(*chunks) for chunks in zip(*(t.split(batch_size) for t in local))], dim=0)
+            return gathered(out)
+
         num_frames = None
         if image_embeds is None:
             if pixel_values is None:
                 raise ValueError("Pass `pixel_values` (or precomputed `image_embeds`) for the image gallery.")
             num_frames = pixel_values.shape[1] if pixel_values.dim() == 5 else None
-            image_embeds = torch.cat(
-                [self.mplug.encode_image(chunk)[1] for chunk in pixel_values.split(batch_size)], dim=0
-            )
+            image_embeds = encoded(lambda chunk: self.mplug.encode_image(chunk)[1], pixel_values)
         elif frame_pooling != "first":
             raise ValueError("`frame_pooling='mean'` needs video `pixel_values` (the frame count), not `image_embeds`.")
-        text_embeds = torch.cat(
-            [
-                self.mplug.encode_text(ids, mask)
-                for ids, mask in zip(input_ids.split(batch_size), attention_mask.split(batch_size))
-            ],
-            dim=0,
-        )
+        text_embeds = encoded(self.mplug.encode_text, input_ids, attention_mask)
         attention_mask = attention_mask.to(text_embeds.device)
         image_features = self._image_features(image_embeds, frame_pooling=frame_pooling, num_frames=num_frames)
         similarity = image_features @ self._text_features(text_embeds).t()
@@ -2314,12 +2336,15 @@ class MPLUGForRetrieval(MPLUGPreTrainedModel):
             flat_images, flat_texts = pair_images.reshape(-1), pair_texts.reshape(-1)
             # pairs grouped by image: each batch projects its few images to cross-attention keys/values once
             by_image = flat_images.argsort(stable=True)
-            for start in range(0, flat_images.numel(), batch_size):
-                rows = by_image[start : start + batch_size]
+            mine = by_image[share(by_image.numel())]  # this rank's share of the grouped pairs
+            local = scores.new_empty(mine.numel())
+            for start in range(0, mine.numel(), batch_size):
+                rows = mine[start : start + batch_size]
                 images, index = flat_images[rows].unique(return_inverse=True)
                 t = flat_texts[rows]
                 logits = self._itm_logits(image_embeds[images], text_embeds[t], attention_mask[t], image_index=index)
-                scores[rows] = logits[:, 1].to(scores.dtype)
+                local[start : start + rows.numel()] = logits[:, 1].to(scores.dtype)
+            scores[by_image] = gathered(local)
             scores = scores.view(query_count, -1)
             if add_itc_score:
                 scores = scores + itc

@@ -1,6 +1,6 @@
 """Training utilities for the transformers `Trainer`: the momentum (EMA teacher) update of mPLUG pretraining with its
-DeepSpeed ZeRO-3 handling, the cross-rank gathering of the ITC queues, and the original self-critical (SCST) loss.
-(The modeling file uses no distributed API itself.)"""
+DeepSpeed ZeRO-3 handling, the cross-rank gathering of the ITC queues and of evaluation work split across ranks, and the original self-critical
+(SCST) loss. (The modeling file uses no distributed API itself: it calls the helpers here.)"""
 
 from __future__ import annotations
 
@@ -52,6 +52,52 @@ def gather_across_ranks(tensor: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(tensor) for _ in range(world_size)]
     torch.distributed.all_gather(parts, tensor.contiguous())
     return torch.cat(parts, dim=0)
+
+
+def rank_and_world_size() -> tuple[int, int]:
+    """This process's rank and the number of processes of the `torch.distributed` group (`(0, 1)` outside one)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return 0, 1
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def shard_bounds(num_items: int, rank: int, world_size: int) -> tuple[int, int]:
+    """`[start, stop)` of rank `rank`'s contiguous share of `num_items` items split as evenly as possible (the first
+    `num_items % world_size` ranks take one more)."""
+    base, extra = divmod(num_items, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def gather_rows_across_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """`torch.cat` over ranks, in rank order, of tensors whose first dimension may differ between ranks (the other
+    dimensions and the dtype must agree); `tensor` itself outside distributed runs. The rows travel in a dtype that
+    every backend carries (bf16/fp16 as fp32, exactly) and come back in `tensor.dtype`."""
+    rank, world_size = rank_and_world_size()
+    if world_size == 1:
+        return tensor
+    device = tensor.device
+    sizes = torch.tensor([tensor.shape[0]], device=device)
+    all_sizes = [torch.empty_like(sizes) for _ in range(world_size)]
+    torch.distributed.all_gather(all_sizes, sizes)
+    counts = [int(size) for size in all_sizes]
+    wire = tensor.float() if tensor.is_floating_point() and tensor.element_size() < 4 else tensor
+    padded = wire.new_zeros((max(counts), *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = wire
+    parts = [torch.empty_like(padded) for _ in range(world_size)]
+    torch.distributed.all_gather(parts, padded.contiguous())
+    return torch.cat([part[:count] for part, count in zip(parts, counts)], dim=0).to(tensor.dtype)
+
+
+def gather_objects_across_ranks(items: list) -> list:
+    """The concatenation, in rank order, of every rank's list of picklable objects (e.g. generated answers); `items`
+    itself outside distributed runs."""
+    rank, world_size = rank_and_world_size()
+    if world_size == 1:
+        return list(items)
+    gathered: list = [None] * world_size
+    torch.distributed.all_gather_object(gathered, list(items))
+    return [item for part in gathered for item in part]
 
 
 class MPLUGMomentumCallback(TrainerCallback):
@@ -222,6 +268,10 @@ __all__ = [
     "MPLUGMomentumCallback",
     "ema_update_",
     "gather_across_ranks",
+    "gather_objects_across_ranks",
+    "gather_rows_across_ranks",
+    "rank_and_world_size",
+    "shard_bounds",
     "original_hypothesis_scores",
     "self_critical_loss",
 ]
