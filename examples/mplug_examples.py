@@ -171,6 +171,54 @@ def load_image_column(dataset, column: str, image_root: str | None):
     return dataset.cast_column(column, datasets.Image())
 
 
+def image_keys(dataset, column: str) -> list[str]:
+    """One key per row, equal for rows that show the same image: a hash of its encoded bytes, else its file path (an
+    image column is read without decoding its images); other columns' values are hashed as they are."""
+    import hashlib
+
+    import datasets
+    import numpy as np
+
+    if isinstance(dataset.features[column], datasets.Image):
+        rows = dataset.cast_column(column, datasets.Image(decode=False))[column]
+        return [
+            "sha1:" + hashlib.sha1(row["bytes"]).hexdigest() if row.get("bytes") else f"path:{row['path']}"
+            for row in rows
+        ]
+    keys = []
+    for value in dataset[column]:
+        if isinstance(value, (str, os.PathLike)):
+            keys.append(f"path:{value}")
+        elif hasattr(value, "tobytes") and hasattr(value, "mode"):  # a PIL image
+            keys.append("sha1:" + hashlib.sha1(f"{value.mode}{value.size}".encode() + value.tobytes()).hexdigest())
+        else:
+            array = np.asarray(value)
+            keys.append("sha1:" + hashlib.sha1(f"{array.dtype}{array.shape}".encode() + array.tobytes()).hexdigest())
+    return keys
+
+
+def group_rows_by_image(keys: list[str]) -> list[list[int]]:
+    """Row indices grouped by image key, groups in order of first appearance."""
+    groups: dict[str, list[int]] = {}
+    for row, key in enumerate(keys):
+        groups.setdefault(key, []).append(row)
+    return list(groups.values())
+
+
+def share_of_groups(groups: list[list[int]], rank: int, world_size: int) -> list[list[int]]:
+    """This rank's contiguous share of `groups`, balanced by rows and never splitting a group (an image's questions
+    stay on one rank): a group goes to the rank whose even row share holds its first row."""
+    from transformers_mplug.training import shard_bounds
+
+    start, stop = shard_bounds(sum(len(g) for g in groups), rank, world_size)
+    share, first = [], 0
+    for group in groups:
+        if start <= first < stop:
+            share.append(group)
+        first += len(group)
+    return share
+
+
 def load_task_data(
     data_args,
     required_columns,

@@ -9,6 +9,11 @@ metrics JSON and a loss/accuracy plot, and answers held-out questions through `p
     accelerate launch examples/run_vqa.py --model_name_or_path mplug-base-vqa --dataset_name ... --bf16
     accelerate launch --config_file examples/configs/accelerate_cpu_deepspeed.yaml examples/run_vqa.py \\
         --deepspeed examples/configs/ds_zero2.json
+    accelerate launch --config_file examples/configs/accelerate_cpu_multiprocess.yaml --num_processes 2 \\
+        examples/run_vqa.py --model_name_or_path OUT --eval_only       # evaluation split across 2 processes
+
+Evaluation generates answers with each image encoded once for all its questions; with several processes each answers
+its share of the images and the answers are gathered (`eval_predictions.json` holds them in row order).
 
 Data: `--dataset_name` (a Hub/local `datasets` dataset), `--train_file/--validation_file` (JSON/CSV with
 `--image_column --question_column --answers_column [--weights_column]`, images as paths under `--image_root`), or
@@ -33,8 +38,11 @@ from mplug_examples import (
     demo_processor,
     evaluation_decoding,
     finish_distributed,
+    group_rows_by_image,
+    image_keys,
     load_task_data,
     parse_with_defaults,
+    share_of_groups,
     start_run,
 )
 from transformers import Trainer, TrainingArguments, pipeline
@@ -42,6 +50,7 @@ from transformers import Trainer, TrainingArguments, pipeline
 from transformers_mplug import MPLUGForQuestionAnswering, MPLUGProcessor
 from transformers_mplug.data import MPLUGVQACollator, load_shapes_dataset
 from transformers_mplug.metrics import vqa_accuracy
+from transformers_mplug.training import gather_objects_across_ranks, rank_and_world_size
 
 logger = logging.getLogger("run_vqa")
 
@@ -171,17 +180,42 @@ def build_model_and_processor(model_args: ModelArguments, output_dir: Path):
 
 # ------------------------------------------------------------------------------------------------ evaluation
 @torch.no_grad()
-def generate_answers(model, processor, dataset, data_args: DataArguments, batch_size: int):
-    """Answers decoded with the model's generation config (the script's evaluation decoding)."""
+def generate_answers(model, processor, dataset, data_args: DataArguments, batch_size: int) -> list[str]:
+    """Answers decoded with the model's generation config (the script's evaluation decoding), in row order.
+
+    Each image is encoded once for all its questions: rows are grouped by image (`image_keys`), a batch of
+    `batch_size` questions encodes only the images it has not seen and generates from their embeddings. Under
+    `accelerate launch --num_processes N` every rank answers its share of the images and the answers are gathered
+    (every rank returns all of them). Under DeepSpeed ZeRO-3, whose forward passes all ranks take together, every rank
+    answers every question instead."""
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
     model.eval()
-    predictions = []
-    for start in range(0, len(dataset), batch_size):
-        rows = dataset[start : start + batch_size]
-        inputs = processor(images=rows[data_args.image_column], text=rows[data_args.question_column])
-        inputs = {k: v.to(model.device) for k, v in inputs.items()}
-        output = model.generate(**inputs)
-        predictions += processor.batch_decode(output)
-    return predictions
+    rank, world_size = (0, 1) if is_deepspeed_zero3_enabled() else rank_and_world_size()
+    keys = image_keys(dataset, data_args.image_column)
+    groups = share_of_groups(group_rows_by_image(keys), rank, world_size)
+    rows = [row for group in groups for row in group]
+    questions = dataset[data_args.question_column]
+    answered, cache = [], {}
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
+        batch_keys = [keys[row] for row in batch]
+        new = [key for key in dict.fromkeys(batch_keys) if key not in cache]
+        if new:
+            first_row = {key: row for row, key in zip(reversed(batch), reversed(batch_keys))}
+            images = [dataset[first_row[key]][data_args.image_column] for key in new]
+            pixel_values = processor(images=images)["pixel_values"].to(model.device)
+            cache.update(zip(new, model.mplug.encode_image(pixel_values)[1]))
+        text = processor(text=[questions[row] for row in batch])
+        output = model.generate(
+            input_ids=text["input_ids"].to(model.device),
+            attention_mask=text["attention_mask"].to(model.device),
+            image_embeds=torch.stack([cache[key] for key in batch_keys]),
+        )
+        answered += zip(batch, processor.batch_decode(output))
+        cache = {batch_keys[-1]: cache[batch_keys[-1]]}  # only the last image can have questions in the next batch
+    by_row = dict(gather_objects_across_ranks(answered))
+    return [by_row[row] for row in range(len(dataset))]
 
 
 def compute_vqa_metrics(
@@ -219,6 +253,7 @@ class VQATrainer(Trainer):
     ):
         super().__init__(*args, **kwargs)
         self.vqa_processor, self.data_args = vqa_processor, data_args
+        self.last_predictions: list[str] | None = None  # the generated answers of the latest evaluation
         self.vision_learning_rate = vision_learning_rate
 
     def create_optimizer(self, *args, **kwargs):
@@ -251,6 +286,7 @@ class VQATrainer(Trainer):
             self.data_args,
             self.args.per_device_eval_batch_size,
         )
+        self.last_predictions = predictions
         scores = compute_vqa_metrics(
             predictions, references_of(dataset, self.data_args), list(dataset[self.data_args.question_column])
         )
@@ -258,6 +294,17 @@ class VQATrainer(Trainer):
         self.log(scores)
         metrics.update(scores)
         return metrics
+
+
+def write_predictions(dataset, predictions: list[str], data_args: DataArguments, path: Path) -> None:
+    """The evaluated questions with their generated answers and reference answers, in row order (JSON list)."""
+    rows = [
+        {"question": question, "prediction": prediction, "answers": answers}
+        for question, prediction, answers in zip(
+            dataset[data_args.question_column], predictions, references_of(dataset, data_args)
+        )
+    ]
+    path.write_text(json.dumps(rows, indent=1), encoding="utf-8")
 
 
 def prior_baseline(train, validation, data_args: DataArguments) -> float:
@@ -348,6 +395,7 @@ def main(argv: list[str] | None = None) -> dict:
         processor.save_pretrained(training_args.output_dir)
         model.generation_config.save_pretrained(training_args.output_dir)
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+        write_predictions(raw["validation"], trainer.last_predictions, data_args, output_dir / "eval_predictions.json")
         plot(trainer.state.log_history, output_dir / "training_curves.png")
         logger.info(
             "VQA accuracy %.3f (question-prior baseline %.3f) after %.0f s of training",

@@ -347,3 +347,80 @@ def test_vqa_metrics_per_question_type():
     assert metrics["vqa_accuracy[is there]"] == pytest.approx((1.0 + 0.9) / 2)  # 3 of 10 humans said yes
     assert metrics["vqa_accuracy"] == pytest.approx((1.0 + 0.0 + 1.0 + 0.9) / 4)
     assert set(run_vqa.compute_vqa_metrics(["two"], [["two"]])) == {"vqa_accuracy"}
+
+
+def _examples_module(name: str):
+    sys.path.insert(0, str(REPO_ROOT / "examples"))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.pop(0)
+
+
+def test_vqa_evaluation_encodes_each_image_once(processor):
+    """run_vqa's evaluation over 3 images x 3 questions (interleaved rows, batches of 4 across image boundaries):
+    3 images encoded in all, the answers of one `generate` per question, in row order."""
+    import datasets
+    import numpy as np
+
+    from transformers import GenerationConfig
+
+    from .conftest import tiny_config
+
+    run_vqa = _examples_module("run_vqa")
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(3)]
+    questions = ["what is the cat", "how many dogs", "is it red", "where", "what colour is it", "is there a cat"]
+    rows = {"image": [images[i % 3] for i in range(9)], "question": [questions[i % 6] for i in range(9)]}
+    dataset = datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image())
+    torch.manual_seed(0)
+    model = MPLUGForQuestionAnswering(tiny_config()).eval()
+    model.generation_config = GenerationConfig(
+        decoding_mode="original", num_beams=2, max_new_tokens=4, bos_token_id=101, eos_token_id=102, pad_token_id=0
+    )
+    encoded = []
+    encode_image = model.mplug.encode_image
+    model.mplug.encode_image = lambda pixel_values, **kw: (
+        encoded.append(len(pixel_values)) or encode_image(pixel_values)
+    )
+    args = run_vqa.DataArguments()
+    predictions = run_vqa.generate_answers(model, processor, dataset, args, batch_size=4)
+    assert sum(encoded) == 3
+    model.mplug.encode_image = encode_image
+    expected = [
+        processor.decode(model.generate(**processor(images=images[i % 3], text=questions[i % 6]))[0]) for i in range(9)
+    ]
+    assert predictions == expected
+
+
+def test_run_vqa_evaluation_on_two_processes_equals_one(tmp_path, cpu_launch):
+    """`run_vqa.py --eval_only` of a saved folder under `accelerate launch --num_processes 2` (each rank answers its
+    share of the images, the answers gathered) gives the one-process answers and accuracy."""
+    trained = tmp_path / "trained"
+    common = ["--num_train_examples", "24", "--num_eval_examples", "14", "--questions_per_scene", "3"]
+    common += ["--demo_questions", "0", "--eval_strategy", "no"]
+    run_vqa(tmp_path, "--output_dir", str(trained), "--max_steps", "2", *common)
+    evaluation = ["--model_name_or_path", str(trained), "--eval_only", "--eval_num_beams", "2", *common]
+    run_vqa(tmp_path, "--output_dir", str(tmp_path / "one"), *evaluation)
+    command, env = cpu_launch
+    result = subprocess.run(
+        [
+            *command,
+            str(REPO_ROOT / "examples" / "run_vqa.py"),
+            *TINY,
+            "--output_dir",
+            str(tmp_path / "two"),
+            *evaluation,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    one, two = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("one", "two"))
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    assert two["eval_vqa_accuracy"] == one["eval_vqa_accuracy"]
+    answers = [json.loads((tmp_path / name / "eval_predictions.json").read_text()) for name in ("one", "two")]
+    assert len(answers[0]) >= 14 and answers[1] == answers[0]
