@@ -343,36 +343,57 @@ def unset_deepspeed_for_inference() -> None:
 
 
 @torch.no_grad()
-def retrieval_evaluation(model, processor, dataset, image_column: str, text_column: str, k: int = 16) -> dict:
-    """Recall@1/5/10 both ways over a gallery made of `dataset` (images and their texts; rows whose text repeats
-    another row's are left out so each text has one image) through `model.retrieve` (ITC top-`k` re-ranked by ITM),
-    and the same for the ITC ranking alone (`itc_*`)."""
-    from transformers_mplug.metrics import retrieval_recall
+def retrieval_evaluation(
+    model, processor, dataset, image_column: str, text_column: str, k: int = 16, image_id_column: str | None = None
+) -> dict:
+    """Recall@1/5/10 both ways over a gallery made of `dataset` through `model.retrieve` (ITC top-`k` re-ranked by
+    ITM), and the same for the ITC ranking alone (`itc_*`).
 
-    texts, seen = [], set()
-    rows = []
-    for index, text in enumerate(list(dataset[text_column])):
+    The gallery holds each distinct image once (rows showing the same image, e.g. its several captions, share it:
+    equal `image_id_column` values, else equal `image_keys`) and each distinct text once (a text repeated on rows of different images keeps its first row's
+    image as its truth, and an image left without texts leaves the gallery). An image's truth is all its texts. Under `accelerate launch --num_processes N` the encoding
+    and re-ranking are split across ranks (`retrieve(distributed=True)`), except under DeepSpeed ZeRO-3, whose forward
+    passes every rank takes together."""
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    from transformers_mplug.metrics import retrieval_recall
+    from transformers_mplug.training import rank_and_world_size
+
+    texts, text_rows, seen = [], [], set()
+    for row, text in enumerate(dataset[text_column]):
         if text not in seen:
             seen.add(text)
-            rows.append(index)
             texts.append(text)
-    subset = dataset.select(rows)
+            text_rows.append(row)
+    kept = set(text_rows)  # an image all of whose texts repeat other images' texts leaves the gallery with them
+    if image_id_column:
+        keys = [str(value) for value in dataset[image_id_column]]
+    else:
+        keys = image_keys(dataset, image_column)
+    groups = [g for g in group_rows_by_image(keys) if kept.intersection(g)]
+    image_of_row = {row: image for image, group in enumerate(groups) for row in group}
+    truth_t2i = [image_of_row[row] for row in text_rows]
+    truth_i2t = [[] for _ in groups]
+    for text_index, image in enumerate(truth_t2i):
+        truth_i2t[image].append(text_index)
+    images = [dataset[group[0]][image_column] for group in groups]
     model.eval()
-    inputs = processor(images=list(subset[image_column]), text=texts)
+    inputs = {"pixel_values": processor(images=images)["pixel_values"], **processor(text=texts)}
     inputs = {name: value.to(model.device) for name, value in inputs.items()}
-    result = model.retrieve(**inputs, k=min(k, len(rows)))
+    distributed = rank_and_world_size()[1] > 1 and not is_deepspeed_zero3_enabled()
+    result = model.retrieve(**inputs, k=min(k, len(texts), len(images)), distributed=distributed)
     scores_i2t = torch.full(result.similarity.shape, float("-inf"))
     scores_i2t.scatter_(1, result.image_to_text_indices.cpu(), result.image_to_text_scores.float().cpu())
     scores_t2i = torch.full(result.similarity.t().shape, float("-inf"))
     scores_t2i.scatter_(1, result.text_to_image_indices.cpu(), result.text_to_image_scores.float().cpu())
     # ground truth outside the ITC top-k keeps -inf: it ranks after every re-ranked candidate
-    truth_t2i, truth_i2t = list(range(len(rows))), [[i] for i in range(len(rows))]
     recall = retrieval_recall(scores_i2t, scores_t2i, truth_t2i, truth_i2t)
     # the ITC ranking alone, before the ITM re-ranking
     similarity = result.similarity.float().cpu()
     itc = retrieval_recall(similarity, similarity.t(), truth_t2i, truth_i2t)
     recall.update({f"itc_{k}": v for k, v in itc.items()})
-    recall["gallery_size"] = len(rows)
+    recall["gallery_size"] = len(images)
+    recall["gallery_texts"] = len(texts)
     return recall
 
 

@@ -10,6 +10,11 @@ metrics JSON and a plot.
     accelerate launch examples/run_retrieval.py
     accelerate launch examples/run_retrieval.py --model_name_or_path mplug-large-retrieval \\
         --train_file pairs.json --validation_file val.json --image_root images/ --bf16
+    accelerate launch --config_file examples/configs/accelerate_cpu_multiprocess.yaml --num_processes 2 \\
+        examples/run_retrieval.py --model_name_or_path OUT --eval_only      # evaluation split across 2 processes
+
+The evaluation gallery holds each image once with all its texts; with several processes each rank encodes and
+re-ranks its share (`MPLUGForRetrieval.retrieve(distributed=True)`) and the results are gathered.
 
 Data: the embedded scenes, `--dataset_name`, or `--train_file/--validation_file` (JSON/CSV with `--image_column`,
 `--text_column` and optionally `--image_id_column` (texts of one image are positives of each other), image paths under
@@ -53,6 +58,7 @@ DEMO_DEFAULTS = demo_defaults("run_retrieval", epochs=6, learning_rate="3e-4")
 class ModelArguments(DemoModelArguments):
     projection_dim: int = field(default=64)
     k_test: int = field(default=16, metadata={"help": "ITC candidates re-ranked by ITM (the original's k_test)"})
+    eval_only: bool = field(default=False, metadata={"help": "evaluate --model_name_or_path without training"})
 
 
 @dataclass
@@ -103,6 +109,7 @@ class RetrievalTrainer(LossComponentsTrainer):
             self.data_args.image_column,
             self.data_args.text_column,
             self.k_test,
+            image_id_column=self.data_args.image_id_column,
         )
         metrics = {f"{metric_key_prefix}_{k}": v for k, v in recall.items()}
         self.log(metrics)
@@ -117,6 +124,8 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--annotation_format must be 'columns' or 'alicemind'")
     if data_args.annotation_format == "alicemind":
         data_args.text_column, data_args.image_id_column = "caption", "image_id"
+    if model_args.eval_only and not model_args.model_name_or_path:
+        parser.error("--eval_only evaluates a saved folder: pass --model_name_or_path")
     start_run(training_args)
     output_dir = Path(training_args.output_dir)
     if model_args.model_name_or_path:
@@ -140,12 +149,16 @@ def main(argv: list[str] | None = None) -> dict:
         k_test=model_args.k_test,
     )
     started = time.time()
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    if not model_args.eval_only:
+        trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     train_seconds = time.time() - started
+    started = time.perf_counter()
     metrics = trainer.evaluate()
+    eval_seconds = time.perf_counter() - started
     gallery = metrics["eval_gallery_size"]
     metrics.update(
         train_seconds=train_seconds,
+        eval_seconds=eval_seconds,
         world_size=training_args.world_size,
         chance_r1=100.0 / gallery,
         chance_r10=100.0 * min(10, gallery) / gallery,

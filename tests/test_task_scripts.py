@@ -416,3 +416,69 @@ def test_a_few_steps_reduce_the_entailment_loss_on_the_embedded_data(shapes_proc
     )
     losses = fit_fixed_batch(MPLUGForVisualEntailment(config), batch, labels)
     assert losses[-1] < 0.6 * losses[0], losses  # the head and trunk fit a fixed batch of embedded rows
+
+
+def test_retrieval_evaluation_gallery_holds_each_image_once(processor):
+    """Rows sharing an image (its several captions) give one gallery image whose truth is all its texts; a repeated
+    text keeps its first image; an image left without texts leaves the gallery."""
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    from transformers_mplug.metrics import retrieval_recall
+
+    from .conftest import tiny_config
+
+    sys.path.insert(0, str(REPO_ROOT / "examples"))
+    try:
+        import mplug_examples
+    finally:
+        sys.path.pop(0)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(4)]
+    rows = [(0, "a red cat"), (0, "a cat"), (1, "two dogs"), (2, "a blue sofa"), (1, "a red cat"), (3, "two dogs")]
+    dataset = datasets.Dataset.from_dict(
+        {"image": [images[i] for i, _ in rows], "text": [t for _, t in rows]}
+    ).cast_column("image", datasets.Image())
+    torch.manual_seed(0)
+    model = MPLUGForRetrieval(tiny_config(projection_dim=16)).eval()
+    encoded = []
+    encode_image = model.mplug.encode_image
+    model.mplug.encode_image = lambda pixel_values, **kw: (
+        encoded.append(len(pixel_values)) or encode_image(pixel_values)
+    )
+    recall = mplug_examples.retrieval_evaluation(model, processor, dataset, "image", "text", k=3)
+    model.mplug.encode_image = encode_image
+    assert (recall["gallery_size"], recall["gallery_texts"], sum(encoded)) == (3, 4, 3)
+    # the same figures from retrieve over the gallery built by hand: images 0, 1, 2; texts with their truths
+    texts = ["a red cat", "a cat", "two dogs", "a blue sofa"]
+    gallery = processor(images=images[:3])["pixel_values"]
+    result = model.retrieve(gallery, **processor(text=texts), k=3)
+    itc = retrieval_recall(result.similarity, result.similarity.t(), [0, 0, 1, 2], [[0, 1], [2], [3]])
+    assert {k: recall[f"itc_{k}"] for k in itc} == pytest.approx(itc)
+
+
+def test_run_retrieval_evaluation_on_two_processes_equals_one(tmp_path, cpu_launch):
+    """`run_retrieval.py --eval_only` under `accelerate launch --num_processes 2` (retrieve split across the ranks)
+    reports the one-process recalls."""
+    run("run_retrieval.py", tmp_path, *small_run(tmp_path, "trained"), "--k_test", "4")
+    evaluation = ["--model_name_or_path", str(tmp_path / "trained"), "--eval_only", "--k_test", "4"]
+    evaluation += ["--num_train_examples", "32", "--num_eval_examples", "12"]
+    run("run_retrieval.py", tmp_path, "--output_dir", str(tmp_path / "one"), *evaluation)
+    command, env = cpu_launch
+    result = subprocess.run(
+        [*command, str(REPO_ROOT / "examples" / "run_retrieval.py"), *TINY.split()]
+        + ["--output_dir", str(tmp_path / "two"), *evaluation],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    one, two = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("one", "two"))
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    recalls = sorted(key for key in one if key.startswith("eval_") and key.endswith(("r1", "r5", "r10", "r_mean")))
+    assert len(recalls) >= 12
+    assert {key: two[key] for key in recalls} == pytest.approx({key: one[key] for key in recalls})
+    assert two["eval_gallery_size"] == one["eval_gallery_size"]
