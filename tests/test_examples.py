@@ -362,7 +362,6 @@ def test_vqa_evaluation_encodes_each_image_once(processor):
     3 images encoded in all, the answers of one `generate` per question, in row order."""
     import datasets
     import numpy as np
-
     from transformers import GenerationConfig
 
     from .conftest import tiny_config
@@ -380,8 +379,8 @@ def test_vqa_evaluation_encodes_each_image_once(processor):
     )
     encoded = []
     encode_image = model.mplug.encode_image
-    model.mplug.encode_image = lambda pixel_values, **kw: (
-        encoded.append(len(pixel_values)) or encode_image(pixel_values)
+    model.mplug.encode_image = lambda pixel_values, *a, **kw: (
+        encoded.append(len(pixel_values)) or encode_image(pixel_values, *a, **kw)
     )
     args = run_vqa.DataArguments()
     predictions = run_vqa.generate_answers(model, processor, dataset, args, batch_size=4)

@@ -440,10 +440,16 @@ def test_vqa_pipeline_batching_honours_padding_side_and_fixed_length(processor):
         )
         for q in BATCH_QUESTIONS
     ]
+    encoded = []
+    encode_image = model.mplug.encode_image
+    model.mplug.encode_image = lambda pixel_values, *a, **kw: (
+        encoded.append(len(pixel_values)) or encode_image(pixel_values, *a, **kw)
+    )
     for variant in (left, fixed):
         vqa = pipeline("visual-question-answering", model=model, processor=variant, **VQA_CLASS)
         batched = vqa(image, BATCH_QUESTIONS, batch_size=4, num_beams=2, max_new_tokens=4)
         _assert_same_answers(batched, reference)
+    assert encoded == [1, 1] * 2  # the image once per batch (5 questions: batches of 4 and 1)
     rows = [{"image": image, "question": q} for q in BATCH_QUESTIONS]
     _assert_same_answers(vqa(rows, batch_size=2, num_beams=2, max_new_tokens=4), reference)
     with pytest.raises(ValueError, match="same length"):

@@ -444,8 +444,8 @@ def test_retrieval_evaluation_gallery_holds_each_image_once(processor):
     model = MPLUGForRetrieval(tiny_config(projection_dim=16)).eval()
     encoded = []
     encode_image = model.mplug.encode_image
-    model.mplug.encode_image = lambda pixel_values, **kw: (
-        encoded.append(len(pixel_values)) or encode_image(pixel_values)
+    model.mplug.encode_image = lambda pixel_values, *a, **kw: (
+        encoded.append(len(pixel_values)) or encode_image(pixel_values, *a, **kw)
     )
     recall = mplug_examples.retrieval_evaluation(model, processor, dataset, "image", "text", k=3)
     model.mplug.encode_image = encode_image

@@ -126,8 +126,8 @@ class MPLUGVisualQuestionAnsweringPipeline(_MPLUGPipelineMixin, Pipeline):
     Several questions: `vqa(image, [q1, q2])` asks both about one image, `vqa([im1, im2], q)` asks one question about
     both, `vqa([im1, im2], [q1, q2])` pairs them (one answer list per pair; transformers' own 5.2 pipeline takes the
     Cartesian product instead), and a list of `{"image", "question"}` dicts (or a dataset of them) is answered row by
-    row. With `batch_size=N`, N questions go through one `generate` (questions padded, their padding masked), with the
-    answers and scores of one-by-one calls.
+    row. With `batch_size=N`, N questions go through one `generate` (questions padded, their padding masked; an image
+    asked several questions in a batch is encoded once), with the answers and scores of one-by-one calls.
 
     Example:
 
@@ -226,7 +226,7 @@ class MPLUGVisualQuestionAnsweringPipeline(_MPLUGPipelineMixin, Pipeline):
 
     def _forward(self, model_inputs, generate_kwargs=None, top_k: int = 1, candidate_answers=None, k: int = 128):
         input_ids, attention_mask = _right_aligned(model_inputs["input_ids"], model_inputs.get("attention_mask"))
-        model_inputs = {"pixel_values": model_inputs["pixel_values"], "input_ids": input_ids}
+        model_inputs = {**self._images_once(model_inputs["pixel_values"]), "input_ids": input_ids}
         if attention_mask is not None:
             model_inputs["attention_mask"] = attention_mask
         batch_size = input_ids.shape[0]
@@ -257,6 +257,17 @@ class MPLUGVisualQuestionAnsweringPipeline(_MPLUGPipelineMixin, Pipeline):
             "sequences": out.sequences.view(batch_size, top_k, -1),
             "scores": log_probs.exp().view(batch_size, top_k),
         }
+
+    def _images_once(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        """`pixel_values`, or, when a batch asks several questions about one image, `image_embeds` with each distinct
+        image encoded once."""
+        if pixel_values.shape[0] < 2:
+            return {"pixel_values": pixel_values}
+        unique, inverse = torch.unique(pixel_values.flatten(1), dim=0, return_inverse=True)
+        if unique.shape[0] == pixel_values.shape[0]:
+            return {"pixel_values": pixel_values}
+        embeds = self.model.mplug.encode_image(unique.view(-1, *pixel_values.shape[1:]))[1]
+        return {"image_embeds": embeds[inverse]}
 
     def postprocess(self, model_outputs, candidate_answers: list[str] | None = None):
         scores = model_outputs["scores"][0].tolist()  # this question's row (a batch is unrolled row by row)
