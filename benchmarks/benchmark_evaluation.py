@@ -10,6 +10,7 @@
 
     python benchmarks/benchmark_evaluation.py                    # base size for section 1, a few minutes on 2 cores
     python benchmarks/benchmark_evaluation.py --size tiny        # a smoke run
+    python benchmarks/benchmark_evaluation.py --sections pipeline   # only section 1
 """
 
 from __future__ import annotations
@@ -77,7 +78,6 @@ def bench_pipeline(size: dict, questions: int, batch_size: int) -> list[dict]:
                 "answers_agree": agree,
             }
         )
-        print(table(rows[-1:]), flush=True)
     return rows
 
 
@@ -125,14 +125,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--questions", type=int, default=64)
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--retrieval_eval_examples", type=int, default=200)
+    parser.add_argument("--sections", nargs="+", choices=["pipeline", "retrieval"], default=["pipeline", "retrieval"])
     parser.add_argument("--output_dir", default="outputs/benchmarks")
     args = parser.parse_args(argv)
     results = {"size": args.size, "threads": torch.get_num_threads(), "torch": torch.__version__}
-    print(f"### 1. VQA pipeline, {args.questions} questions, {args.size} size\n", flush=True)
-    results["pipeline"] = bench_pipeline(SIZES[args.size], args.questions, args.batch_size)
-    print(f"\n{table(results['pipeline'])}\n\n### 2. run_retrieval.py evaluation, 2 processes vs 1\n", flush=True)
-    results["retrieval_processes"] = bench_retrieval_processes(args.retrieval_eval_examples)
-    print(table(results["retrieval_processes"]))
+    if "pipeline" in args.sections:
+        print(f"### 1. VQA pipeline, {args.questions} questions, {args.size} size\n", flush=True)
+        results["pipeline"] = bench_pipeline(SIZES[args.size], args.questions, args.batch_size)
+        print(f"\n{table(results['pipeline'])}\n", flush=True)
+    if "retrieval" in args.sections:
+        print("### 2. run_retrieval.py evaluation, 2 processes vs 1\n", flush=True)
+        results["retrieval_processes"] = bench_retrieval_processes(args.retrieval_eval_examples)
+        print(table(results["retrieval_processes"]))
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     (output / "evaluation.json").write_text(json.dumps(results, indent=2), encoding="utf-8")

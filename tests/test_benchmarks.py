@@ -57,3 +57,34 @@ def test_benchmark_script_writes_every_section(tmp_path):
     assert results["parameters"]["parameters"] > 0 and results["parameters"]["resident_gb"] > 0
     assert (tmp_path / "results.png").stat().st_size > 1000
     assert "### 6. Parameters" in result.stdout
+
+
+def test_evaluation_benchmark_pipeline_section(tmp_path):
+    """benchmarks/benchmark_evaluation.py's pipeline section at the tiny size: the batched pipeline agrees with one
+    call per question (its retrieval section runs run_retrieval.py as test_task_scripts' 2-process test does)."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "benchmarks" / "benchmark_evaluation.py"),
+            "--size",
+            "tiny",
+            "--questions",
+            "8",
+            "--batch_size",
+            "4",
+            "--sections",
+            "pipeline",
+            "--output_dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO_ROOT / "benchmarks",
+        env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    results = json.loads((tmp_path / "evaluation.json").read_text())
+    assert [row["images x questions"] for row in results["pipeline"]] == ["2 x 4", "8 x 1"]
+    assert all(row["answers_agree"] == 1 for row in results["pipeline"])
+    assert "| 2 x 4 |" in result.stdout

@@ -392,13 +392,18 @@ def test_vqa_evaluation_encodes_each_image_once(processor):
     assert predictions == expected
 
 
-def test_run_vqa_evaluation_on_two_processes_equals_one(tmp_path, cpu_launch):
+def test_run_vqa_evaluation_on_two_processes_equals_one(tmp_path, cpu_launch, shapes_processor):
     """`run_vqa.py --eval_only` of a saved folder under `accelerate launch --num_processes 2` (each rank answers its
     share of the images, the answers gathered) gives the one-process answers and accuracy."""
+    from .conftest import tiny_config
+
     trained = tmp_path / "trained"
+    torch.manual_seed(0)
+    text = dict(vocab_size=160, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    MPLUGForQuestionAnswering(tiny_config(text_config=text)).save_pretrained(trained)
+    shapes_processor.save_pretrained(trained)
     common = ["--num_train_examples", "24", "--num_eval_examples", "14", "--questions_per_scene", "3"]
     common += ["--demo_questions", "0", "--eval_strategy", "no"]
-    run_vqa(tmp_path, "--output_dir", str(trained), "--max_steps", "2", *common)
     evaluation = ["--model_name_or_path", str(trained), "--eval_only", "--eval_num_beams", "2", *common]
     run_vqa(tmp_path, "--output_dir", str(tmp_path / "one"), *evaluation)
     command, env = cpu_launch

@@ -458,10 +458,15 @@ def test_retrieval_evaluation_gallery_holds_each_image_once(processor):
     assert {k: recall[f"itc_{k}"] for k in itc} == pytest.approx(itc)
 
 
-def test_run_retrieval_evaluation_on_two_processes_equals_one(tmp_path, cpu_launch):
+def test_run_retrieval_evaluation_on_two_processes_equals_one(tmp_path, cpu_launch, shapes_processor):
     """`run_retrieval.py --eval_only` under `accelerate launch --num_processes 2` (retrieve split across the ranks)
     reports the one-process recalls."""
-    run("run_retrieval.py", tmp_path, *small_run(tmp_path, "trained"), "--k_test", "4")
+    from .conftest import tiny_config
+
+    torch.manual_seed(0)
+    text = dict(vocab_size=160, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    MPLUGForRetrieval(tiny_config(text_config=text, projection_dim=16)).save_pretrained(tmp_path / "trained")
+    shapes_processor.save_pretrained(tmp_path / "trained")
     evaluation = ["--model_name_or_path", str(tmp_path / "trained"), "--eval_only", "--k_test", "4"]
     evaluation += ["--num_train_examples", "32", "--num_eval_examples", "12"]
     run("run_retrieval.py", tmp_path, "--output_dir", str(tmp_path / "one"), *evaluation)

@@ -2276,7 +2276,7 @@ class MPLUGForRetrieval(MPLUGPreTrainedModel):
         them); `frame_pooling="mean"` averages the frames' projected `[CLS]` for the ITC features (zero-shot
         text-to-video retrieval: `frame_pooling="mean", add_itc_score=True`).
 
-        With `distributed=True` in a `torch.distributed` process group (e.g. under `accelerate launch
+        With `distributed=True` in a process group of several ranks (e.g. under `accelerate launch
         --num_processes N`), every rank encodes its contiguous share of the images and texts and re-ranks its share of
         the candidate pairs (grouped by image as on one process); the shares are gathered, so every rank returns the
         whole output, equal to one process's. Every rank must call it with the same gallery and arguments.
