@@ -6,7 +6,8 @@ Sections (random weights; medians of `--repeats` runs after a warm-up; everythin
 1. VQA `generate` (5 beams, 10 new tokens forced) at base size: ours vs transformers' `BlipForQuestionAnswering` at
    the same widths/depths, batch 1 and `--batch_size`; ours with the KV cache off; eager vs SDPA; fp32 vs bf16
    (both run transformers' beam search). 1b: the original mPLUG beam search (`decoding_mode="original"`) against
-   transformers' beam search on the same model, batch 1 and `--batch_size`.
+   transformers' beam search on the same model, batch 1 and `--batch_size`. 1c: the encoders, greedy decoding and
+   beam-5 decoding timed separately (decode = generate minus encoders), with the floor ratio beam / greedy decode.
 2. `rank_answers` (k = 16, 128) over `--num_candidates` candidate answers, against one beam-5 `generate`.
 3. Trunk forward for different cross-modal schedules (all connected, all co-attention, skip-connected S = 1..6):
    time and FLOPs.
@@ -217,6 +218,51 @@ def bench_decoding(size: dict, args) -> list[dict]:
                         "vs_transformers": seconds / times["transformers"],
                     }
                 )
+    return rows
+
+
+@torch.no_grad()
+def bench_floor(size: dict, args) -> list[dict]:
+    """Where a VQA call's time goes: the encoders (vision + text + fusion, `_fused_memory`), then decoding 10 forced
+    steps = `generate` minus the encoders, for greedy (one row per question: the decoder's weights read once a step)
+    and 5 beams (both decoding modes). `floor` = beam decode / greedy decode: 1.0 would mean beam search costs no more
+    than the one weight pass per step that greedy decoding needs."""
+    torch.manual_seed(0)
+    model = MPLUGForQuestionAnswering(mplug_config(size)).eval()
+    greedy = dict(num_beams=1, min_new_tokens=10, max_new_tokens=10, decoding_mode="transformers")
+    rows = []
+    for batch_size in (1, args.batch_size):
+        inputs = question(batch_size, size)
+        calls = {
+            "encoders": lambda inputs=inputs: model._fused_memory(
+                inputs["pixel_values"], inputs["input_ids"], None, None
+            ),
+            "greedy": lambda inputs=inputs: model.generate(**inputs, **greedy),
+            "beam 5, original": lambda inputs=inputs: model.generate(**inputs, **FORCED, decoding_mode="original"),
+            "beam 5, transformers": lambda inputs=inputs: model.generate(
+                **inputs, **FORCED, decoding_mode="transformers"
+            ),
+        }
+        samples: dict[str, list[float]] = {name: [] for name in calls}
+        for repeat in range(args.repeats + 1):  # interleaved, so that a slow moment of the machine hits every call
+            for name, call in calls.items():
+                start = time.perf_counter()
+                call()
+                if repeat:
+                    samples[name].append(time.perf_counter() - start)
+        times = {name: statistics.median(values) for name, values in samples.items()}
+        greedy_decode = times["greedy"] - times["encoders"]
+        for name, seconds in times.items():
+            decode = seconds - times["encoders"] if name != "encoders" else None
+            rows.append(
+                {
+                    "batch": batch_size,
+                    "call": name,
+                    "seconds": seconds,
+                    "decode_seconds": decode,
+                    "floor": decode / greedy_decode if decode is not None else None,
+                }
+            )
     return rows
 
 
@@ -480,6 +526,11 @@ def main(argv: list[str] | None = None) -> dict:
     sections = [
         ("generate", "1. VQA generate, 5 beams, 10 new tokens", lambda: bench_generate(size, args)),
         ("decoding", "1b. Original beam search vs transformers' beam search", lambda: bench_decoding(size, args)),
+        (
+            "floor",
+            "1c. Encoders, greedy and beam-5 decoding separately (floor = beam / greedy decode)",
+            lambda: bench_floor(size, args),
+        ),
         ("rank", "2. Closed-vocabulary ranking vs one beam-5 generate", lambda: bench_rank(size, args)),
         ("schedules", "3. Trunk forward by cross-modal schedule", lambda: bench_schedules(size, args)),
         ("training", "4. VQA training step", lambda: bench_training(args)),

@@ -49,6 +49,10 @@ def test_benchmark_script_writes_every_section(tmp_path):
         for call in ("generate", "generate, image_embeds given")
         for mode in ("transformers", "original")
     ]
+    floor = [(row["batch"], row["call"]) for row in results["floor"]]
+    calls = ("encoders", "greedy", "beam 5, original", "beam 5, transformers")
+    assert floor == [(batch, call) for batch in (1, 2) for call in calls]
+    assert all(row["floor"] > 0 for row in results["floor"] if row["call"] != "encoders")
     assert [row["call"].split()[0] for row in results["rank"]] == ["generate", "rank_answers", "rank_answers"]
     assert [row["layers"] for row in results["schedules"]][:2] == ["cC", "cc"]
     assert all(row["gflops"] > 0 for row in results["schedules"])
