@@ -147,39 +147,35 @@ def deepspeed_launch(tmp_path_factory) -> tuple[list[str], dict[str, str]]:
         pytest.fail(f"building DeepSpeed's CPU communication op failed:\n{build.stderr[-3000:]}")
 
     def command() -> list[str]:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        return [
-            str(Path(sys.executable).parent / "accelerate"),
-            "launch",
-            "--config_file",
-            str(REPO_ROOT / "examples" / "configs" / "accelerate_cpu_deepspeed.yaml"),
-            "--num_processes",
-            "2",
-            "--main_process_port",
-            str(port),
-        ]
+        return accelerate_launch_prefix("accelerate_cpu_deepspeed.yaml")
 
     return command, env
 
 
-@pytest.fixture
-def cpu_launch() -> tuple[list[str], dict[str, str]]:
-    """The `accelerate launch` prefix for 2 CPU processes without DeepSpeed (gloo; a free port) and its
-    environment."""
+def accelerate_launch_prefix(config_name: str, num_processes: int = 2) -> list[str]:
+    """`accelerate launch --config_file examples/configs/<config_name> --num_processes N` on a free port."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    command = [
-        str(Path(sys.executable).parent / "accelerate"),
-        "launch",
-        "--config_file",
-        str(REPO_ROOT / "examples" / "configs" / "accelerate_cpu_multiprocess.yaml"),
-        "--num_processes",
-        "2",
+    config = REPO_ROOT / "examples" / "configs" / config_name
+    accelerate = Path(sys.executable).parent / "accelerate"
+    return [str(accelerate), "launch", "--config_file", str(config), "--num_processes", str(num_processes)] + [
         "--main_process_port",
         str(port),
     ]
+
+
+@pytest.fixture
+def cpu_launch():
+    """Run a script under `accelerate launch` with 2 CPU processes without DeepSpeed (gloo, a free port):
+    `cpu_launch(script, *args, cwd=...)` returns the finished process, failing the test with its output if it
+    failed."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return command, env
+
+    def launch(script: str | Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+        command = [*accelerate_launch_prefix("accelerate_cpu_multiprocess.yaml"), str(script), *args]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=cwd, env=env)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+        return result
+
+    return launch

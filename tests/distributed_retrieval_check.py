@@ -6,36 +6,19 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import torch
 from accelerate import PartialState
 
 from transformers_mplug import MPLUGConfig, MPLUGForRetrieval
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: tests.conftest's tiny config
+from tests.conftest import tiny_config  # noqa: E402
+
 
 def config() -> MPLUGConfig:
-    return MPLUGConfig(
-        vision_config=dict(
-            hidden_size=48,
-            intermediate_size=96,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            image_size=32,
-            patch_size=16,
-        ),
-        text_config=dict(
-            vocab_size=128,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=64,
-            max_position_embeddings=40,
-        ),
-        num_cross_modal_layers=2,
-        connected_attention_stride=2,
-        num_decoder_layers=1,
-        projection_dim=16,
-    )
+    return tiny_config(projection_dim=16)  # schedule [co, connected, co]: shared and per-pair layers
 
 
 def main(output_dir: str) -> None:

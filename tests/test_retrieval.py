@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -236,12 +235,7 @@ def test_shared_image_keys_values_give_the_per_pair_itm_scores(attn_implementati
 def test_retrieve_on_two_processes_equals_one(tmp_path, cpu_launch):
     """`retrieve(distributed=True)` under `accelerate launch --num_processes 2`: every rank returns the one-process
     output (shares of unequal size, a rank without images, more candidates than the gallery)."""
-    command, env = cpu_launch
-    script = Path(__file__).parent / "distributed_retrieval_check.py"
-    result = subprocess.run(
-        [*command, str(script), str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    cpu_launch(Path(__file__).parent / "distributed_retrieval_check.py", str(tmp_path), cwd=tmp_path)
     for rank in range(2):
         report = json.loads((tmp_path / f"retrieve_rank{rank}.json").read_text())
         assert report["world_size"] == 2 and len(report["cases"]) == 3
