@@ -205,6 +205,16 @@ def group_rows_by_image(keys: list[str]) -> list[list[int]]:
     return list(groups.values())
 
 
+def evaluation_rank_and_world_size() -> tuple[int, int]:
+    """The rank and process count that evaluation work is split over: the process group's, except under DeepSpeed
+    ZeRO-3, whose forward passes every rank takes together (each rank then evaluates everything: `(0, 1)`)."""
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    from transformers_mplug.training import rank_and_world_size
+
+    return (0, 1) if is_deepspeed_zero3_enabled() else rank_and_world_size()
+
+
 def share_of_groups(groups: list[list[int]], rank: int, world_size: int) -> list[list[int]]:
     """This rank's contiguous share of `groups`, balanced by rows and never splitting a group (an image's questions
     stay on one rank): a group goes to the rank whose even row share holds its first row."""
@@ -350,14 +360,11 @@ def retrieval_evaluation(
     ITM), and the same for the ITC ranking alone (`itc_*`).
 
     The gallery holds each distinct image once (rows showing the same image, e.g. its several captions, share it:
-    equal `image_id_column` values, else equal `image_keys`) and each distinct text once (a text repeated on rows of different images keeps its first row's
-    image as its truth, and an image left without texts leaves the gallery). An image's truth is all its texts. Under `accelerate launch --num_processes N` the encoding
-    and re-ranking are split across ranks (`retrieve(distributed=True)`), except under DeepSpeed ZeRO-3, whose forward
-    passes every rank takes together."""
-    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-
+    equal `image_id_column` values, else equal `image_keys`) and each distinct text once (a text repeated on rows of
+    different images keeps its first row's image as its truth; an image left without texts leaves the gallery). An
+    image's truth is all its texts. With several processes the encoding and re-ranking are split across them
+    (`retrieve(distributed=True)`; see [`evaluation_rank_and_world_size`])."""
     from transformers_mplug.metrics import retrieval_recall
-    from transformers_mplug.training import rank_and_world_size
 
     texts, text_rows, seen = [], [], set()
     for row, text in enumerate(dataset[text_column]):
@@ -380,7 +387,7 @@ def retrieval_evaluation(
     model.eval()
     inputs = {"pixel_values": processor(images=images)["pixel_values"], **processor(text=texts)}
     inputs = {name: value.to(model.device) for name, value in inputs.items()}
-    distributed = rank_and_world_size()[1] > 1 and not is_deepspeed_zero3_enabled()
+    distributed = evaluation_rank_and_world_size()[1] > 1
     result = model.retrieve(**inputs, k=min(k, len(texts), len(images)), distributed=distributed)
     scores_i2t = torch.full(result.similarity.shape, float("-inf"))
     scores_i2t.scatter_(1, result.image_to_text_indices.cpu(), result.image_to_text_scores.float().cpu())

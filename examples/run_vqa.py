@@ -37,6 +37,7 @@ from mplug_examples import (
     demo_defaults,  # the examples folder (next to this script)
     demo_processor,
     evaluation_decoding,
+    evaluation_rank_and_world_size,
     finish_distributed,
     group_rows_by_image,
     image_keys,
@@ -50,7 +51,7 @@ from transformers import Trainer, TrainingArguments, pipeline
 from transformers_mplug import MPLUGForQuestionAnswering, MPLUGProcessor
 from transformers_mplug.data import MPLUGVQACollator, load_shapes_dataset
 from transformers_mplug.metrics import vqa_accuracy
-from transformers_mplug.training import gather_objects_across_ranks, rank_and_world_size
+from transformers_mplug.training import gather_objects_across_ranks
 
 logger = logging.getLogger("run_vqa")
 
@@ -188,10 +189,8 @@ def generate_answers(model, processor, dataset, data_args: DataArguments, batch_
     `accelerate launch --num_processes N` every rank answers its share of the images and the answers are gathered
     (every rank returns all of them). Under DeepSpeed ZeRO-3, whose forward passes all ranks take together, every rank
     answers every question instead."""
-    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-
     model.eval()
-    rank, world_size = (0, 1) if is_deepspeed_zero3_enabled() else rank_and_world_size()
+    rank, world_size = evaluation_rank_and_world_size()
     keys = image_keys(dataset, data_args.image_column)
     groups = share_of_groups(group_rows_by_image(keys), rank, world_size)
     rows = [row for group in groups for row in group]

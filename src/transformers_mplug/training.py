@@ -1,6 +1,7 @@
 """Training utilities for the transformers `Trainer`: the momentum (EMA teacher) update of mPLUG pretraining with its
-DeepSpeed ZeRO-3 handling, the cross-rank gathering of the ITC queues and of evaluation work split across ranks, and the original self-critical
-(SCST) loss. (The modeling file uses no distributed API itself: it calls the helpers here.)"""
+DeepSpeed ZeRO-3 handling, the cross-rank gathering of the ITC queues and of evaluation work split across ranks, and
+the original self-critical (SCST) loss. (The modeling file uses no distributed API itself: it calls the helpers
+here.)"""
 
 from __future__ import annotations
 
@@ -73,7 +74,7 @@ def gather_rows_across_ranks(tensor: torch.Tensor) -> torch.Tensor:
     """`torch.cat` over ranks, in rank order, of tensors whose first dimension may differ between ranks (the other
     dimensions and the dtype must agree); `tensor` itself outside distributed runs. The rows travel in a dtype that
     every backend carries (bf16/fp16 as fp32, exactly) and come back in `tensor.dtype`."""
-    rank, world_size = rank_and_world_size()
+    _, world_size = rank_and_world_size()
     if world_size == 1:
         return tensor
     device = tensor.device
@@ -92,7 +93,7 @@ def gather_rows_across_ranks(tensor: torch.Tensor) -> torch.Tensor:
 def gather_objects_across_ranks(items: list) -> list:
     """The concatenation, in rank order, of every rank's list of picklable objects (e.g. generated answers); `items`
     itself outside distributed runs."""
-    rank, world_size = rank_and_world_size()
+    _, world_size = rank_and_world_size()
     if world_size == 1:
         return list(items)
     gathered: list = [None] * world_size
